@@ -18,6 +18,7 @@ from llmclip.config import EXIT_CONFIG, ConfigError
 COMMANDS: dict[str, str] = {
     "assets": "llmclip.assets",
     "shards": "llmclip.data.commands",
+    "demo": "llmclip.demo",
 }
 
 

@@ -1,0 +1,177 @@
+"""`llmclip demo`: the whole pipeline on the embedded default, on a laptop CPU.
+
+It drives the real commands, in order, as subprocesses -- exactly what a user would type:
+
+    shards build (Open-I reports from torchxrayvision, rendered images, patient-level split)
+    stage 1      (deepspeed, 2 CPU ranks, SmolLM2-135M made bidirectional, LoRA)
+    cache build  (frozen encoder over every report: report + negated variants)
+    stage 2      (deepspeed, 2 CPU ranks, timm ViT on cached embeddings, clinical losses)
+    eval text    (error discrimination and findings->impression retrieval vs baselines)
+    eval         (zero-shot AUROC, retrieval, negation/omission test, report.html)
+
+Each step first asks whether its output is already complete and skips if so, so a rerun after a
+kill resumes where it stopped, and a rerun after success finishes in seconds. ``--quick`` is the
+same pipeline with fewer reports, smaller images and fewer steps (used by the test suite).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from llmclip.config import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Step:
+    name: str
+    """Short name shown on the progress line."""
+    done: Callable[[], bool]
+    """True when the step's output is complete (then it is skipped)."""
+    commands: list[list[str]]
+    """Commands run in order; a non-zero exit stops the demo with that step named."""
+
+
+def _exists(path: Path) -> Callable[[], bool]:
+    return lambda: path.exists()
+
+
+def _bin(name: str) -> str:
+    """A console script of the running environment (the venv's deepspeed/llmclip), else PATH."""
+    here = Path(sys.executable).parent / name
+    found = here if here.exists() else shutil.which(name)
+    if not found:
+        raise ConfigError(f"'{name}' not found next to {sys.executable} or on PATH; install the project first")
+    return str(found)
+
+
+def _deepspeed(config: str, overrides: list[str], ranks: int) -> list[str]:
+    cmd = [_bin("deepspeed"), "--num_gpus", str(ranks), str(REPO / "llmclip" / "train.py"), "--config", config]
+    for o in overrides:
+        cmd += ["--set", o]
+    return cmd
+
+
+def plan_steps(out: Path, quick: bool, ranks: int) -> list[Step]:
+    """The demo's steps. ``quick`` shrinks data, images and step counts, not the code path."""
+    llmclip = _bin("llmclip")
+    shards = out / "shards"
+    stage1, cache, stage2 = out / "stage1", out / "cache", out / "stage2"
+    maxcount = ["--maxcount", "900"] if quick else []
+    image_size = "64" if quick else "128"
+    s1_over = [f"run.out_dir={stage1}", f"data.shards={shards}:train"]
+    s2_over = [f"run.out_dir={stage2}", f"data.shards={shards}:train", f"data.cache={cache}",
+               f"data.image_size={image_size}"]
+    if quick:
+        s1_over += ["optim.max_steps=12", "optim.warmup_steps=2", "stage1.mntp_steps=4"]
+        s2_over += ["optim.max_steps=60", "optim.warmup_steps=5"]
+    return [
+        Step("shards", _exists(shards / "manifest.json"),
+             [[llmclip, "shards", "build", "--source", "openi", "--out", str(shards), "--images", "render",
+               "--image-size", image_size, *maxcount]]),
+        Step("stage 1", _exists(stage1 / "final" / "encoder.json"),
+             [_deepspeed(str(REPO / "configs/stage1/demo.yaml"), s1_over, ranks)]),
+        Step("cache", _exists(cache / "meta.json"),
+             [[llmclip, "cache", "build", "--encoder", str(stage1 / "final"), "--shards", str(shards),
+               "--out", str(cache), "--variants", "report,negated"]]),
+        Step("stage 2", _exists(stage2 / "final"),
+             [_deepspeed(str(REPO / "configs/stage2/demo.yaml"), s2_over, ranks)]),
+        Step("eval text", _exists(out / "eval_text.json"),
+             [[llmclip, "eval", "text", "--encoder", str(stage1 / "final"), "--shards", f"{shards}:test",
+               "--out", str(out / "eval_text.json")]]),
+        Step("eval", _exists(out / "eval" / "metrics.json"),
+             [[llmclip, "eval", "--model", str(stage2), "--shards", f"{shards}:test", "--cache", str(cache),
+               "--out", str(out / "eval"), "--text-metrics", str(out / "eval_text.json")]]),
+    ]
+
+
+def _fmt(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    return f"{m:d}m{s:02d}s"
+
+
+def run_steps(steps: list[Step], log_dir: Path) -> dict[str, float]:
+    """Run each incomplete step, one progress line per step; the step's own tqdm shows inside."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    t_all = time.time()
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    for i, step in enumerate(steps, 1):
+        head = f"[{i}/{len(steps)}] {step.name:10s}"
+        if step.done():
+            print(f"{head} already complete, skipped", flush=True)
+            timings[step.name] = 0.0
+            continue
+        print(f"{head} running ...", flush=True)
+        t0 = time.time()
+        for cmd in step.commands:
+            log = log_dir / f"{i:02d}-{step.name.replace(' ', '_')}.log"
+            print("    $ " + " ".join(cmd), flush=True)
+            with open(log, "a") as fh:
+                fh.write("$ " + " ".join(cmd) + "\n")
+            # Output goes to the terminal (progress bars) and, via tee-like copy, to the step log.
+            proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            assert proc.stdout is not None
+            with open(log, "ab") as fh:
+                for chunk in iter(lambda: proc.stdout.read1(4096), b""):
+                    sys.stdout.buffer.write(chunk)
+                    sys.stdout.flush()
+                    fh.write(chunk)
+            if proc.wait() != 0:
+                raise SystemExit(f"llmclip demo: step '{step.name}' failed (exit {proc.returncode}); log: {log}. "
+                                 "Rerun `make demo` to resume from this step.")
+        if not step.done():
+            raise SystemExit(f"llmclip demo: step '{step.name}' exited 0 but its output is incomplete")
+        timings[step.name] = time.time() - t0
+        print(f"{head} done in {_fmt(timings[step.name])} (total {_fmt(time.time() - t_all)})", flush=True)
+    return timings
+
+
+def summary(out: Path) -> str:
+    """The terminal summary: the headline numbers of eval text and eval, read from their JSON."""
+    lines = ["", "llmclip demo summary (synthetic images rendered from real Open-I reports)", "-" * 72]
+    text = out / "eval_text.json"
+    if text.exists():
+        rows = json.loads(text.read_text()).get("table", [])
+        lines.append(f"{'text encoder':34s} {'error-discrim':>14s} {'F->I R@1':>10s}")
+        for r in rows:
+            lines.append(f"{r['encoder']:34s} {r['error_discrimination']:14.3f} {r['findings_to_impression_r1']:10.3f}")
+    metrics = out / "eval" / "metrics.json"
+    if metrics.exists():
+        m = json.loads(metrics.read_text())
+        for key in ("zero_shot_macro_auroc", "i2t_r1", "t2i_r1", "negation_accuracy", "omission_accuracy"):
+            if key in m:
+                lines.append(f"{key:34s} {m[key]:.3f}")
+        lines.append(f"report: {out / 'eval' / 'report.html'}")
+    return "\n".join(lines)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    out = Path(args.out or ("runs/demo-quick" if args.quick else "runs/demo")).resolve()
+    steps = plan_steps(out, quick=args.quick, ranks=args.ranks)
+    t0 = time.time()
+    run_steps(steps, out / "logs")
+    report = out / "eval" / "report.html"
+    if report.exists() and not (out / "report.html").exists():
+        shutil.copyfile(report, out / "report.html")
+    print(summary(out))
+    print(f"demo finished in {_fmt(time.time() - t0)}; results in {out}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="run the whole pipeline on the embedded default (CPU, no data needed)")
+    p.add_argument("--quick", action="store_true", help="fewer reports, smaller images, fewer steps (~5 min)")
+    p.add_argument("--out", default=None, help="output folder (default runs/demo or runs/demo-quick)")
+    p.add_argument("--ranks", type=int, default=2, help="ranks for the deepspeed launcher (CPU: 2)")
+    p.set_defaults(func=_cmd_demo)
