@@ -17,6 +17,7 @@ from llmclip.config import EXIT_CONFIG, ConfigError
 # a heavy import (deepspeed, transformers) only happens for the command that needs it.
 COMMANDS: dict[str, str] = {
     "assets": "llmclip.assets",
+    "cache": "llmclip.cache_cli",
     "shards": "llmclip.data.commands",
     "demo": "llmclip.demo",
 }
