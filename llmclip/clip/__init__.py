@@ -1,0 +1,1 @@
+"""Stage 2: the dual tower (vision tower + adapter on cached LLM report embeddings) and its losses."""
