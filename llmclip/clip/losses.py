@@ -259,10 +259,16 @@ def clip_loss(
         tgt = target.float()[index]
     tgt_ab = tgt
     if extra_a is not None:
-        extra = extra_a if local_loss else gather(extra_a, with_grad=gather_with_grad, local_loss=False)
+        extra = (
+            extra_a if local_loss else gather(extra_a, with_grad=gather_with_grad, local_loss=False)
+        )
         extra_logit = scale * (rows_a * extra).sum(-1, keepdim=True)
         if extra_valid is not None:
-            valid = extra_valid if local_loss else all_gather_no_grad(extra_valid.to(torch.uint8)).bool()
+            valid = (
+                extra_valid
+                if local_loss
+                else all_gather_no_grad(extra_valid.to(torch.uint8)).bool()
+            )
             extra_logit = extra_logit.masked_fill(~valid.view(-1, 1), MASKED_LOGIT)
         logits_ab = torch.cat([logits_ab, extra_logit], dim=1)
         tgt_ab = torch.cat([tgt, torch.zeros_like(tgt[:, :1])], dim=1)
@@ -295,8 +301,13 @@ def total_loss(
     neg = feats.get("negated") if cfg.negation.enabled else None
     kw = dict(local_loss=cfg.local_loss, gather_with_grad=cfg.gather_with_grad)
     loss = clip_loss(
-        feats["image"], feats["text"], feats["scale"], target=target,
-        extra_a=neg, extra_valid=aux.get("negated_valid") if neg is not None else None, **kw,
+        feats["image"],
+        feats["text"],
+        feats["scale"],
+        target=target,
+        extra_a=neg,
+        extra_valid=aux.get("negated_valid") if neg is not None else None,
+        **kw,
     )
     logs["loss_clip"] = float(loss.detach())
     if "graph" in feats and cfg.graph_weight > 0:

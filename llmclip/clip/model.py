@@ -89,7 +89,9 @@ class GraphConfig:
             if getattr(self, name) < 1:
                 raise ConfigError("must be >= 1", name)
         if self.max_nodes < 2:
-            raise ConfigError("must be >= 2 (the report node plus at least one entity)", "max_nodes")
+            raise ConfigError(
+                "must be >= 2 (the report node plus at least one entity)", "max_nodes"
+            )
 
 
 @dataclass
@@ -180,7 +182,9 @@ class TextAdapter(nn.Module):
     def __init__(self, cfg: TextAdapterConfig, text_dim: int, embed_dim: int):
         super().__init__()
         if cfg.kind == "linear":
-            self.net = nn.Sequential(nn.LayerNorm(text_dim), nn.Linear(text_dim, embed_dim, bias=False))
+            self.net = nn.Sequential(
+                nn.LayerNorm(text_dim), nn.Linear(text_dim, embed_dim, bias=False)
+            )
         else:
             hidden = cfg.hidden_dim or embed_dim
             layers: list[nn.Module] = [nn.LayerNorm(text_dim), nn.Linear(text_dim, hidden)]
@@ -201,8 +205,12 @@ def create_vision_tower(cfg: VisionConfig, image_size: int) -> nn.Module:
         kwargs.setdefault("drop_path_rate", cfg.drop_path_rate)
     try:
         tower = timm.create_model(
-            cfg.name, pretrained=cfg.pretrained, num_classes=0, in_chans=cfg.in_chans,
-            img_size=image_size, **kwargs,
+            cfg.name,
+            pretrained=cfg.pretrained,
+            num_classes=0,
+            in_chans=cfg.in_chans,
+            img_size=image_size,
+            **kwargs,
         )
     except TypeError:
         # Convolutional towers take any input size and have no img_size argument.
@@ -211,7 +219,9 @@ def create_vision_tower(cfg: VisionConfig, image_size: int) -> nn.Module:
                 cfg.name, pretrained=cfg.pretrained, num_classes=0, in_chans=cfg.in_chans, **kwargs
             )
         except TypeError as e:
-            raise ConfigError(f"timm rejected the arguments for {cfg.name!r}: {e}", "model.vision.kwargs") from None
+            raise ConfigError(
+                f"timm rejected the arguments for {cfg.name!r}: {e}", "model.vision.kwargs"
+            ) from None
     except RuntimeError as e:
         if "Unknown model" in str(e):
             raise ConfigError(f"unknown timm model {cfg.name!r}", "model.vision.name") from None
@@ -235,8 +245,12 @@ class CLIPModel(nn.Module):
         scale = torch.tensor(math.log(1.0 / cfg.init_temperature))
         self.logit_scale = nn.Parameter(scale, requires_grad=cfg.learn_temperature)
         self.graph_encoder = GraphEncoder(cfg.graph, cfg.embed_dim) if cfg.graph.enabled else None
-        self.register_buffer("pixel_mean", torch.tensor(cfg.vision.mean).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(cfg.vision.std).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer(
+            "pixel_mean", torch.tensor(cfg.vision.mean).view(1, -1, 1, 1), persistent=False
+        )
+        self.register_buffer(
+            "pixel_std", torch.tensor(cfg.vision.std).view(1, -1, 1, 1), persistent=False
+        )
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 [B, C, H, W] (C = 1 or 3) -> normalised float, resized to ``image_size`` if needed."""
@@ -246,7 +260,9 @@ class CLIPModel(nn.Module):
         if x.shape[1] != c:
             x = x.repeat(1, c, 1, 1) if x.shape[1] == 1 else x.mean(1, keepdim=True)
         if x.shape[-2:] != (self.image_size, self.image_size):
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", antialias=True)
+            x = F.interpolate(
+                x, size=(self.image_size, self.image_size), mode="bilinear", antialias=True
+            )
         return (x - self.pixel_mean) / self.pixel_std
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -268,9 +284,16 @@ class CLIPModel(nn.Module):
         return self.logit_scale.clamp(max=math.log(self.cfg.max_logit_scale)).exp()
 
     def forward(
-        self, pixels: torch.Tensor, text_emb: torch.Tensor, graph: dict[str, torch.Tensor] | None = None
+        self,
+        pixels: torch.Tensor,
+        text_emb: torch.Tensor,
+        graph: dict[str, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
-        out = {"image": self.encode_image(pixels), "text": self.encode_text(text_emb), "scale": self.scale()}
+        out = {
+            "image": self.encode_image(pixels),
+            "text": self.encode_text(text_emb),
+            "scale": self.scale(),
+        }
         if graph is not None and self.graph_encoder is not None:
             out["graph"] = self.encode_graph(graph)
         return out

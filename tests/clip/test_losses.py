@@ -36,7 +36,9 @@ def test_plain_clip_loss_matches_cross_entropy_reference():
     a, b = _normed(torch.randn(N, D, generator=g)), _normed(torch.randn(N, D, generator=g))
     scale = torch.tensor(10.0)
     logits = scale * a @ b.T
-    ref = 0.5 * (F.cross_entropy(logits, torch.arange(N)) + F.cross_entropy(logits.T, torch.arange(N)))
+    ref = 0.5 * (
+        F.cross_entropy(logits, torch.arange(N)) + F.cross_entropy(logits.T, torch.arange(N))
+    )
     assert torch.allclose(clip_loss(a, b, scale), ref, atol=1e-6)
     assert torch.allclose(clip_loss(a, b, scale, local_loss=False), ref, atol=1e-6)
     # Aligned pairs give a lower loss than shuffled ones.
@@ -72,7 +74,9 @@ def test_soft_targets_formula_rows_sum_to_one_and_prefer_clinical_twins():
     raw = torch.tensor([[1.0, 0.0, 0.0], [0.9, 0.1, 0.0], [0.0, 0.0, 1.0]])
     labels = torch.tensor([[1.0, 0.5, 0.0], [1.0, 0.5, 0.0], [0.0, 0.0, 1.0]])
     nodes = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
-    cfg = SoftLabelConfig(enabled=True, weight_text=1.0, weight_labels=2.0, weight_graph=1.0, temperature=0.2)
+    cfg = SoftLabelConfig(
+        enabled=True, weight_text=1.0, weight_labels=2.0, weight_graph=1.0, temperature=0.2
+    )
     alpha = 0.4
     t = soft_targets(cfg, alpha, raw, labels, nodes)
     assert torch.allclose(t.sum(1), torch.ones(3), atol=1e-6)
@@ -83,13 +87,17 @@ def test_soft_targets_formula_rows_sum_to_one_and_prefer_clinical_twins():
     expected = (1 - alpha) * torch.eye(3) + alpha * torch.softmax(s / 0.2, dim=1)
     assert torch.allclose(t, expected, atol=1e-6)
     # Jaccard pieces: identical rows -> 1, disjoint -> 0, empty vs empty -> 1.
-    assert label_similarity(torch.tensor([[1.0, 0.5], [1.0, 0.0]]))[0, 1] == pytest.approx(1.0 / 1.5)
+    assert label_similarity(torch.tensor([[1.0, 0.5], [1.0, 0.0]]))[0, 1] == pytest.approx(
+        1.0 / 1.5
+    )
     assert set_similarity(torch.zeros(2, 4))[0, 1] == 1.0
     assert set_similarity(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))[0, 1] == 0.0
 
 
 def test_alpha_schedule_ramps_and_validation():
-    cfg = SoftLabelConfig(enabled=True, alpha_start=0.0, alpha_end=0.4, ramp_start=0.25, ramp_end=0.75)
+    cfg = SoftLabelConfig(
+        enabled=True, alpha_start=0.0, alpha_end=0.4, ramp_start=0.25, ramp_end=0.75
+    )
     assert cfg.alpha(0, 100) == 0.0
     assert cfg.alpha(50, 100) == pytest.approx(0.2)
     assert cfg.alpha(100, 100) == pytest.approx(0.4)
@@ -105,7 +113,9 @@ def test_negation_column_is_a_hard_negative_and_masked_when_identical():
     b = _normed(a + 0.1 * torch.randn(N, D, generator=g))
     scale = torch.tensor(20.0)
     far = _normed(torch.randn(N, D, generator=g))
-    near = _normed(a + 0.05 * torch.randn(N, D, generator=g))  # a negated report that looks like the image
+    near = _normed(
+        a + 0.05 * torch.randn(N, D, generator=g)
+    )  # a negated report that looks like the image
     base = clip_loss(a, b, scale)
     with_far = clip_loss(a, b, scale, extra_a=far)
     with_near = clip_loss(a, b, scale, extra_a=near)
@@ -115,7 +125,9 @@ def test_negation_column_is_a_hard_negative_and_masked_when_identical():
     assert torch.allclose(masked, base, atol=1e-6)
     # Written out: image->report row i has N + 1 candidates, the last its own negated report.
     logits = torch.cat([scale * a @ b.T, (scale * (a * near).sum(-1)).unsqueeze(1)], dim=1)
-    ref = 0.5 * (F.cross_entropy(logits, torch.arange(N)) + F.cross_entropy(scale * b @ a.T, torch.arange(N)))
+    ref = 0.5 * (
+        F.cross_entropy(logits, torch.arange(N)) + F.cross_entropy(scale * b @ a.T, torch.arange(N))
+    )
     assert torch.allclose(with_near, ref, atol=1e-5)
     # The gradient pushes the image away from its negated report.
     a2 = a.clone().requires_grad_(True)
@@ -151,7 +163,12 @@ CASES = {
         graph_weight=0.7,
     ),
 }
-GATHER = [(True, True), (False, True), (False, False), (True, False)]  # (local_loss, gather_with_grad)
+GATHER = [
+    (True, True),
+    (False, True),
+    (False, False),
+    (True, False),
+]  # (local_loss, gather_with_grad)
 EXACT_GRAD = {(True, True), (False, True), (False, False)}
 
 
@@ -171,7 +188,9 @@ def _problem(seed: int = 7) -> dict[str, torch.Tensor]:
     }
 
 
-def _run_case(p: dict[str, torch.Tensor], rows: slice, case: str, local_loss: bool, with_grad: bool):
+def _run_case(
+    p: dict[str, torch.Tensor], rows: slice, case: str, local_loss: bool, with_grad: bool
+):
     """Loss and weight gradient on ``rows`` of the problem (all rows when run on one rank)."""
     w = p["w"].clone().requires_grad_(True)
     log_scale = torch.tensor(math.log(12.0), requires_grad=True)
@@ -182,7 +201,9 @@ def _run_case(p: dict[str, torch.Tensor], rows: slice, case: str, local_loss: bo
         "graph": _normed(p["x_gph"][rows] @ w[3].T),
         "scale": log_scale.exp(),
     }
-    cfg = LossConfig(local_loss=local_loss, gather_with_grad=with_grad, **({"graph_weight": 0.0} | CASES[case]))
+    cfg = LossConfig(
+        local_loss=local_loss, gather_with_grad=with_grad, **({"graph_weight": 0.0} | CASES[case])
+    )
     if cfg.graph_weight == 0 and cfg.soft_labels.graph_similarity != "embedding":
         del feats["graph"]
     aux = {
@@ -208,16 +229,23 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     results = {}
     for case in CASES:
         for local_loss, with_grad in GATHER:
-            loss, gw, gs = _run_case(p, slice(rank * n, (rank + 1) * n), case, local_loss, with_grad)
+            loss, gw, gs = _run_case(
+                p, slice(rank * n, (rank + 1) * n), case, local_loss, with_grad
+            )
             # What DeepSpeed does with replicated parameters: average gradients and (for logging) losses.
             for t in (loss, gw, gs):
                 dist.all_reduce(t)
                 t /= world
-            results[f"{case}/{local_loss}/{with_grad}"] = torch.cat([loss.view(1), gw.flatten(), gs.view(1)])
+            results[f"{case}/{local_loss}/{with_grad}"] = torch.cat(
+                [loss.view(1), gw.flatten(), gs.view(1)]
+            )
     if rank == 0:
         from safetensors.torch import save_file
 
-        save_file({k.replace("/", "|"): v.contiguous() for k, v in results.items()}, os.path.join(out_dir, "r.st"))
+        save_file(
+            {k.replace("/", "|"): v.contiguous() for k, v in results.items()},
+            os.path.join(out_dir, "r.st"),
+        )
     dist.barrier()
     dist.destroy_process_group()
 
@@ -232,7 +260,9 @@ def test_two_gloo_ranks_equal_one_rank_on_concatenated_batch(tmp_path: Path):
     import torch.multiprocessing as mp
     from safetensors.torch import load_file
 
-    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    mp.start_processes(
+        _worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, start_method="spawn"
+    )
     got = {k.replace("|", "/"): v for k, v in load_file(tmp_path / "r.st").items()}
     p = _problem()
     checked = 0
@@ -243,7 +273,11 @@ def test_two_gloo_ranks_equal_one_rank_on_concatenated_batch(tmp_path: Path):
             two = got[f"{case}/{local_loss}/{with_grad}"]
             assert torch.allclose(two[0], ref[0], atol=1e-5), (case, local_loss, with_grad, "loss")
             if (local_loss, with_grad) in EXACT_GRAD:
-                assert torch.allclose(two[1:], ref[1:], atol=1e-5, rtol=1e-4), (case, local_loss, with_grad)
+                assert torch.allclose(two[1:], ref[1:], atol=1e-5, rtol=1e-4), (
+                    case,
+                    local_loss,
+                    with_grad,
+                )
                 checked += 1
             else:
                 # Documented approximation: the gradient through other ranks' rows is dropped.
