@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 import tarfile
 import time
@@ -300,6 +301,21 @@ def _progress(total: float, rank: int, enabled: bool) -> Any:
     )
 
 
+def _share_cpu_threads(torch: Any) -> None:
+    """Split the node's cores between the ranks on it (CPU only, unless OMP_NUM_THREADS is set).
+
+    Every rank otherwise starts one thread per core, and N ranks on a node oversubscribe it N-fold.
+    """
+    if os.environ.get("OMP_NUM_THREADS"):
+        return
+    local = 1
+    for var in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "SLURM_NTASKS_PER_NODE"):
+        if os.environ.get(var, "").isdigit():
+            local = max(1, int(os.environ[var]))
+            break
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local))
+
+
 def build_cache(opts: BuildOptions, encoder: Any = None) -> BuildResult:
     """Encode this rank's shards (index mod world size) into ``opts.out``; resumable, atomic.
 
@@ -326,10 +342,12 @@ def build_cache(opts: BuildOptions, encoder: Any = None) -> BuildResult:
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
 
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        _share_cpu_threads(torch)
     if encoder is None:
         from llmclip.text.encoder import LLMEncoder
 
-        cuda = torch.cuda.is_available()
         device = f"cuda:{env.local_rank}" if cuda else "cpu"
         bf16 = opts.precision == "bf16" or (opts.precision == "auto" and cuda)
         encoder = LLMEncoder.from_dir(
