@@ -1,0 +1,337 @@
+"""LLMEncoder: a decoder LLM with bidirectional attention, LoRA, and a pooler, as a report encoder.
+
+Two ways in:
+- ``LLMEncoder.build(cfg, dtype)`` for training: the causal-LM checkpoint (its LM head serves MNTP),
+  optionally truncated to its first ``keep_layers`` layers, optionally 4-bit NF4, with peft LoRA;
+- ``LLMEncoder.from_dir(path)`` for a finished encoder dir (``RUN/final/``): the merged decoder in
+  safetensors (``AutoModel``), the pooler, the tokenizer and ``encoder.json``.
+
+Texts are tokenised as ``[bos] instruction-prefix report [eos?]``, right padded; ``pool_mask`` marks
+only the report tokens, so an instruction steers the states but is never averaged into them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn as nn
+
+from llmclip.config import ConfigError
+from llmclip.text.pooling import build_pooler
+from llmclip.text.sources import TinyLlamaSpec, check_decoder, resolve_source
+
+log = logging.getLogger(__name__)
+
+ENCODER_FORMAT = "llmclip-encoder/1"
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class LoraSection:
+    """peft LoRA adapters on the decoder's linear layers."""
+
+    enabled: bool = True
+    """Train LoRA adapters (required with 4-bit weights); false = train every decoder weight."""
+    r: int = 16
+    """Adapter rank."""
+    alpha: int = 32
+    """LoRA scaling numerator (scale = alpha / r)."""
+    dropout: float = 0.05
+    """Dropout on the adapter input."""
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    """Linear layer names that get adapters."""
+
+    def validate(self) -> None:
+        if self.r < 1:
+            raise ConfigError("must be >= 1", "r")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError("must be in [0, 1)", "dropout")
+        if not self.target_modules:
+            raise ConfigError("must name at least one module", "target_modules")
+
+
+@dataclass
+class ModelConfig:
+    """The LLM, how it is loaded, and how its states become one embedding."""
+
+    source: str = "asset:smollm2-135m"
+    """Model folder, .gguf file, hub id, ``asset:smollm2-135m`` or ``tiny:llama``."""
+    tiny: TinyLlamaSpec = field(default_factory=TinyLlamaSpec)
+    """Shape of the ``tiny:llama`` model (used only when source is ``tiny:llama``)."""
+    cache_dir: str = ""
+    """Where converted/built models are kept; empty = $LLMCLIP_CACHE or ./.assets."""
+    quantization: Literal["none", "nf4"] = "none"
+    """``nf4`` = bitsandbytes 4-bit NF4 base weights (QLoRA), storage dtype = training dtype."""
+    attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    """Attention kernel; ``auto`` = flash_attention_2 when flash-attn and CUDA are present, else sdpa."""
+    keep_layers: int = 0
+    """Use only the first N decoder layers (small CPU recipes); 0 = all."""
+    max_length: int = 512
+    """Token limit per text, instruction prefix included."""
+    gradient_checkpointing: bool = False
+    """Recompute layer activations in backward (GPU memory for long sequences)."""
+    pooling: Literal["mean", "latent_attention", "last_token"] = "mean"
+    """How token states become one vector."""
+    pooler_latents: int = 512
+    """Trainable latents of the latent-attention pooler."""
+    pooler_heads: int = 8
+    """Heads of the latent-attention pooler (must divide the hidden size)."""
+    lora: LoraSection = field(default_factory=LoraSection)
+    """LoRA adapter settings."""
+
+    def validate(self) -> None:
+        if not self.source:
+            raise ConfigError("must not be empty", "source")
+        if self.keep_layers < 0:
+            raise ConfigError("must be >= 0", "keep_layers")
+        if self.max_length < 8:
+            raise ConfigError("must be >= 8", "max_length")
+        if self.quantization == "nf4" and not self.lora.enabled:
+            raise ConfigError("4-bit weights cannot be trained directly; enable lora", "quantization")
+        if self.attention == "flash_attention_2":
+            from transformers.utils import is_flash_attn_2_available
+
+            if not torch.cuda.is_available() or not is_flash_attn_2_available():
+                raise ConfigError("flash_attention_2 needs CUDA and the flash-attn package; "
+                                  "use attention: auto or sdpa on this machine", "attention")
+
+
+def pick_attention(requested: str) -> str:
+    """The attention kernel to load with; ``auto`` prefers flash-attention 2 on CUDA. Logged."""
+    if requested != "auto":
+        chosen = requested
+    else:
+        from transformers.utils import is_flash_attn_2_available
+
+        flash = torch.cuda.is_available() and is_flash_attn_2_available()
+        chosen = "flash_attention_2" if flash else "sdpa"
+    log.info("attention implementation: %s (requested %s)", chosen, requested)
+    return chosen
+
+
+def make_bidirectional(model: nn.Module) -> None:
+    """Drop the causal mask (padding stays masked). Both switches are needed in transformers 5:
+    ``config.is_causal`` selects the bidirectional mask, and each attention module's ``is_causal``
+    stops SDPA/flash from re-adding causality when the mask is skipped (no padding in the batch)."""
+    model.config.is_causal = False
+    for module in model.modules():
+        if hasattr(module, "is_causal") and isinstance(module.is_causal, bool):
+            module.is_causal = False
+        cfg = getattr(module, "config", None)
+        if cfg is not None and hasattr(cfg, "model_type"):
+            cfg.is_causal = False
+
+
+class LLMEncoder(nn.Module):
+    """Decoder LLM + pooler. ``forward`` maps token ids to embeddings [b, dim] (float32)."""
+
+    def __init__(self, lm: nn.Module, tokenizer: Any, pooler: nn.Module, *, pooling: str,
+                 max_length: int, meta: dict[str, Any] | None = None):
+        super().__init__()
+        self.lm = lm
+        self.pooler = pooler
+        self.tokenizer = tokenizer
+        self.pooling = pooling
+        self.max_length = max_length
+        self.meta = dict(meta or {})
+        self.fingerprint: str = self.meta.get("fingerprint", "")
+        self.instruction: str | None = self.meta.get("instruction")
+        base = self.base_model
+        cfg = base.config
+        self.dim: int = int(cfg.hidden_size)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if self.pad_id is None:
+            raise ConfigError("tokenizer has neither a pad nor an eos token", "model.source")
+
+    # ---------------------------------------------------------------- module access
+    @property
+    def base_model(self) -> nn.Module:
+        """The transformers model under any peft wrapper (LoRA layers are injected in place)."""
+        get = getattr(self.lm, "get_base_model", None)
+        return get() if callable(get) else self.lm
+
+    @property
+    def decoder(self) -> nn.Module:
+        """The decoder stack that returns hidden states (``model`` inside a ``*ForCausalLM``)."""
+        base = self.base_model
+        return getattr(base, base.base_model_prefix, base)
+
+    @property
+    def lm_head(self) -> nn.Module | None:
+        """Output embedding for MNTP; None for an exported encoder (decoder only)."""
+        base = self.base_model
+        return base.get_output_embeddings() if base is not self.decoder else None
+
+    # ---------------------------------------------------------------- tokenisation
+    def tokenize(self, texts: list[str], instruction: str | None = None,
+                 device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+        """Right-padded ids, attention mask and pool mask (report tokens only) for ``texts``."""
+        tok = self.tokenizer
+        prefix: list[int] = []
+        if tok.bos_token_id is not None:
+            prefix.append(tok.bos_token_id)
+        if instruction:
+            prefix += tok(instruction.strip() + ":", add_special_tokens=False)["input_ids"]
+        suffix = [tok.eos_token_id] if self.pooling == "last_token" and tok.eos_token_id is not None else []
+        room = self.max_length - len(prefix) - len(suffix)
+        if room < 1:
+            raise ConfigError(f"instruction is longer than max_length {self.max_length}", "instruction")
+        bodies = tok(list(texts), add_special_tokens=False)["input_ids"]
+        rows, pools = [], []
+        for body in bodies:
+            body = body[:room] or [self.pad_id]  # an empty text still yields one pooled token
+            rows.append(prefix + body + suffix)
+            pools.append([0] * len(prefix) + [1] * (len(body) + len(suffix)))
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        attn = torch.zeros((len(rows), width), dtype=torch.long)
+        pool = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, (r, p) in enumerate(zip(rows, pools)):
+            ids[i, : len(r)] = torch.tensor(r)
+            attn[i, : len(r)] = 1
+            pool[i, : len(p)] = torch.tensor(p)
+        out = {"input_ids": ids, "attention_mask": attn, "pool_mask": pool}
+        return {k: v.to(device) for k, v in out.items()} if device is not None else out
+
+    # ---------------------------------------------------------------- forward
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Last-layer token states [b, t, hidden] of the (bidirectional) decoder."""
+        out = self.decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return out.last_hidden_state
+
+    def pool(self, states: torch.Tensor, pool_mask: torch.Tensor) -> torch.Tensor:
+        return self.pooler(states, pool_mask).float()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                pool_mask: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.hidden_states(input_ids, attention_mask), pool_mask)
+
+    @torch.no_grad()
+    def encode(self, texts: list[str], instruction: str | None = None, batch_tokens: int = 8192,
+               progress: bool = False) -> torch.Tensor:
+        """Embeddings [n, dim] float32 on the CPU, not normalised. Texts are sorted by length and
+        batched by a token budget (fewer pad tokens, bounded memory); the output keeps input order."""
+        if not texts:
+            return torch.zeros((0, self.dim), dtype=torch.float32)
+        instruction = instruction if instruction is not None else self.instruction
+        was_training = self.training
+        self.eval()
+        device = next(self.parameters()).device
+        lengths = [len(ids) for ids in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+        order = sorted(range(len(texts)), key=lambda i: -lengths[i])
+        out = torch.empty((len(texts), self.dim), dtype=torch.float32)
+        batches, start = [], 0
+        while start < len(order):
+            longest = min(lengths[order[start]] + 16, self.max_length)
+            size = max(1, batch_tokens // max(1, longest))
+            batches.append(order[start : start + size])
+            start += size
+        if progress:
+            from tqdm import tqdm
+
+            batches = tqdm(batches, desc="encode", unit="batch")
+        for idx in batches:
+            enc = self.tokenize([texts[i] for i in idx], instruction, device=device)
+            out[torch.tensor(idx)] = self(**enc).float().cpu()
+        self.train(was_training)
+        return out
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def build(cls, cfg: ModelConfig, dtype: torch.dtype, ds_config: dict[str, Any] | None = None,
+              lora: bool = True) -> LLMEncoder:
+        """The training encoder: causal LM (+ LM head for MNTP), bidirectional, LoRA, pooler.
+
+        Under ZeRO-3 the caller keeps an ``HfDeepSpeedConfig`` alive so non-quantised weights are
+        partitioned while loading; 4-bit models are loaded whole on every rank and partitioned later.
+        """
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        src = resolve_source(cfg.source, cfg.tiny, cfg.cache_dir or None)
+        config = AutoConfig.from_pretrained(src, trust_remote_code=False)
+        check_decoder(config.to_dict(), src)
+        full = int(config.num_hidden_layers)
+        if cfg.keep_layers:
+            if cfg.keep_layers > full:
+                raise ConfigError(f"{cfg.keep_layers} > the model's {full} layers", "model.keep_layers")
+            config.num_hidden_layers = cfg.keep_layers
+            if getattr(config, "layer_types", None):
+                config.layer_types = list(config.layer_types)[: cfg.keep_layers]
+        config.is_causal = False
+        kwargs: dict[str, Any] = {}
+        if cfg.quantization == "nf4":
+            from transformers import BitsAndBytesConfig
+
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=dtype)
+        lm = AutoModelForCausalLM.from_pretrained(
+            src, config=config, dtype=dtype, attn_implementation=pick_attention(cfg.attention),
+            trust_remote_code=False, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(src, trust_remote_code=False)
+        make_bidirectional(lm)
+        lm.config.use_cache = False
+        if cfg.gradient_checkpointing:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if lora and cfg.lora.enabled:
+            from peft import LoraConfig, get_peft_model
+
+            lm = get_peft_model(lm, LoraConfig(
+                r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                target_modules=list(cfg.lora.target_modules), bias="none"))
+        elif lora:
+            for p in lm.parameters():
+                p.requires_grad_(True)
+        else:
+            lm.requires_grad_(False)
+        pooler = build_pooler(cfg.pooling, int(config.hidden_size), cfg.pooler_latents, cfg.pooler_heads)
+        pooler.to(dtype=torch.float32 if dtype not in (torch.bfloat16, torch.float16) else dtype)
+        meta = {"base_model": cfg.source, "resolved_source": src, "keep_layers": cfg.keep_layers,
+                "layers": int(config.num_hidden_layers), "base_layers": full}
+        return cls(lm, tokenizer, pooler, pooling=cfg.pooling, max_length=cfg.max_length, meta=meta)
+
+    @classmethod
+    def from_dir(cls, path: str | Path, device: str | torch.device = "cpu",
+                 dtype: torch.dtype | None = None, attention: str = "auto") -> LLMEncoder:
+        """Load a finished encoder dir (``encoder.json`` + ``model/`` + ``tokenizer/`` + pooler)."""
+        from safetensors.torch import load_file
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+        path = Path(path)
+        meta_path = path / "encoder.json"
+        if not meta_path.is_file():
+            raise ConfigError(f"{path} is not an encoder dir (no encoder.json)", "encoder")
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{meta_path}: not valid JSON: {e}", "encoder") from None
+        if meta.get("format") != ENCODER_FORMAT:
+            raise ConfigError(f"{meta_path}: format {meta.get('format')!r}, expected {ENCODER_FORMAT}")
+        model_dir = path / meta.get("model_dir", "model")
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+        check_decoder(config.to_dict(), str(model_dir))
+        dtype = dtype or getattr(torch, meta.get("dtype", "float32"))
+        lm = AutoModel.from_pretrained(model_dir, dtype=dtype, attn_implementation=pick_attention(attention),
+                                       trust_remote_code=False)
+        make_bidirectional(lm)
+        lm.requires_grad_(False)
+        tokenizer = AutoTokenizer.from_pretrained(path / meta.get("tokenizer_dir", "tokenizer"),
+                                                  trust_remote_code=False)
+        pooler = build_pooler(meta["pooling"], int(config.hidden_size), **meta.get("pooler_args", {}))
+        if meta.get("pooler_file"):
+            pooler.load_state_dict(load_file(str(path / meta["pooler_file"])))
+        pooler.to(dtype=dtype).requires_grad_(False)
+        enc = cls(lm, tokenizer, pooler, pooling=meta["pooling"], max_length=int(meta["max_length"]), meta=meta)
+        return enc.to(device).eval()
+
+
+def pooler_args(cfg: ModelConfig) -> dict[str, Any]:
+    """Pooler constructor arguments recorded in ``encoder.json`` (so ``from_dir`` rebuilds it)."""
+    if cfg.pooling == "latent_attention":
+        return {"num_latents": cfg.pooler_latents, "num_heads": cfg.pooler_heads}
+    return {}

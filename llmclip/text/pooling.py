@@ -1,0 +1,73 @@
+"""Token states -> one report embedding. ``pool_mask`` marks the tokens that count (report tokens:
+not padding, not the instruction prefix), so an instruction steers the states without being averaged.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+POOLINGS = ("mean", "latent_attention", "last_token")
+
+
+def masked_mean(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over positions where ``mask`` is 1; states [b, t, d], mask [b, t] -> [b, d]."""
+    m = mask.to(states.dtype).unsqueeze(-1)
+    return (states * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+class MeanPooler(nn.Module):
+    """Average of the report tokens' last hidden states (LLM2Vec's default)."""
+
+    def forward(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return masked_mean(states, mask)
+
+
+class LastTokenPooler(nn.Module):
+    """State of the last report token (right padding: the last position where ``mask`` is 1)."""
+
+    def forward(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+        last = torch.where(mask.bool(), pos, torch.zeros_like(pos)).amax(1)
+        return states[torch.arange(states.shape[0], device=states.device), last]
+
+
+class LatentAttentionPooler(nn.Module):
+    """NV-Embed style pooler: tokens attend to trainable latents, an MLP, then a masked mean.
+
+    The attention output and MLP are added to the token states (residual), and both output layers
+    start at zero, so at initialisation the pooler equals mean pooling: contrastive training starts
+    from the base model's embedding instead of from a random projection.
+    """
+
+    def __init__(self, dim: int, num_latents: int = 512, num_heads: int = 8, mlp_ratio: float = 1.0):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"hidden size {dim} is not divisible by pooler heads {num_heads}")
+        self.latents = nn.Parameter(torch.randn(num_latents, dim) * dim**-0.5)
+        self.attn = nn.MultiheadAttention(dim, num_heads, batch_first=True)
+        hidden = max(1, int(dim * mlp_ratio))
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        for out in (self.attn.out_proj, self.mlp[2]):
+            nn.init.zeros_(out.weight)
+            nn.init.zeros_(out.bias)
+
+    def forward(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        dtype = self.latents.dtype
+        x = states.to(dtype)
+        lat = self.latents.unsqueeze(0).expand(x.shape[0], -1, -1)
+        attended, _ = self.attn(x, lat, lat, need_weights=False)
+        x = x + attended
+        x = x + self.mlp(x)
+        return masked_mean(x, mask)
+
+
+def build_pooler(kind: str, dim: int, num_latents: int = 512, num_heads: int = 8) -> nn.Module:
+    """A pooler by name; ``latent_attention`` has trainable weights, the others none."""
+    if kind == "mean":
+        return MeanPooler()
+    if kind == "last_token":
+        return LastTokenPooler()
+    if kind == "latent_attention":
+        return LatentAttentionPooler(dim, num_latents=num_latents, num_heads=num_heads)
+    raise ValueError(f"unknown pooling {kind!r}; choose one of {', '.join(POOLINGS)}")
