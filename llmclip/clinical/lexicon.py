@@ -1,0 +1,391 @@
+"""Radiology vocabulary: observation phrases, negation/uncertainty cues, abbreviations, synonyms.
+
+Everything here is data (regex fragments and word lists); ``labeler.py`` compiles it once at import.
+The observation phrases follow the CheXpert labeler's mention lists, extended for the wording of
+North-American chest radiograph reports (Open-I / MIMIC style), common misspellings and the
+anonymisation placeholder ``XXXX``. Regex fragments are case-insensitive and get ``\\b`` on both
+sides when compiled.
+"""
+
+from __future__ import annotations
+
+CHEXPERT_CLASSES: list[str] = [
+    "No Finding",
+    "Enlarged Cardiomediastinum",
+    "Cardiomegaly",
+    "Lung Lesion",
+    "Lung Opacity",
+    "Edema",
+    "Consolidation",
+    "Pneumonia",
+    "Atelectasis",
+    "Pneumothorax",
+    "Pleural Effusion",
+    "Pleural Other",
+    "Fracture",
+    "Support Devices",
+]
+
+NF, ECM, CM, LL, LO, ED, CO, PNA, AT, PTX, EFF, PO, FX, SD = CHEXPERT_CLASSES
+
+# (observations, canonical term, regex). A term may stand for several observations
+# ("hydropneumothorax"). Order matters only where two phrases start at the same character: the
+# longer / more specific phrase comes first.
+TERMS: list[tuple[tuple[str, ...], str, str]] = [
+    # --- No Finding: "no acute cardiopulmonary process" is a *positive* No Finding mention; the
+    # labeler inverts the status of these phrases (see labeler.INVERTED).
+    ((NF,), "acute cardiopulmonary abnormality",
+     r"acute (?:(?:cardiopulmonary|cardio-pulmonary|pulmonary|intrathoracic|thoracic|chest|"
+     r"radiographic|cardiac or pulmonary|cardiac|lung|osseous or cardiopulmonary) )*"
+     r"(?:abnormalit(?:y|ies)|disease|process(?:es)?|findings?|pathology|pathologic findings?)"),
+    ((NF,), "active disease", r"active (?:cardiopulmonary |pulmonary |lung )?disease"),
+    # --- Enlarged Cardiomediastinum
+    ((ECM,), "widened mediastinum",
+     r"(?:widened|widening of the|enlarged|enlargement of the) (?:superior )?"
+     r"(?:mediastinum|mediastinal (?:silhouette|contours?|shadow|width))"),
+    ((ECM,), "enlarged cardiomediastinal silhouette",
+     r"(?:enlarged|widened|prominent) cardiomediastinal (?:silhouette|contours?|shadow)"),
+    ((ECM,), "mediastinal widening", r"mediastinal (?:widening|enlargement|prominence)"),
+    # --- Cardiomegaly
+    ((CM,), "cardiomegaly", r"cardiomegal(?:y|ly|ic)|cardiac megaly"),
+    ((CM,), "enlarged heart",
+     r"(?:enlarged|large|prominent|globular) (?:heart|cardiac (?:silhouette|shadow|size|contours?))"
+     r"(?: size)?|(?:cardiac|heart) enlargement|enlargement of the (?:heart|cardiac "
+     r"(?:silhouette|shadow))"),
+    # --- Lung Lesion
+    ((LL,), "nodule",
+     r"nodules?|nodular (?:densit(?:y|ies)|opacit(?:y|ies)|opacification|lesions?)|nodularit(?:y|ies)"),
+    ((LL,), "mass", r"mass(?:es)?(?! effect)|mass lesions?|masslike|mass-like"),
+    ((LL,), "tumor",
+     r"tumou?rs?|neoplasms?|neoplastic|carcinomas?|malignanc(?:y|ies)|metastas[ie]s|metastatic "
+     r"disease|(?:lung|pulmonary|cavitary|cavitating|parenchymal|spiculated) lesions?"),
+    # --- Pneumothorax / effusion (hydropneumothorax first: it names both)
+    ((PTX, EFF), "hydropneumothorax", r"hydro-?pneumothora(?:x|ces)|hemopneumothorax"),
+    ((PTX,), "pneumothorax", r"pneumo-?thora(?:x|ces|xes)|pneumothoraxes|ptx|pleural air"),
+    # --- Pleural Other before Pleural Effusion so "pleural thickening" is not read as effusion
+    ((PO,), "pleural thickening",
+     r"pleural (?:thickening|scarring|scar|plaques?|calcifications?|reaction|fibrosis)|"
+     r"pleural[- ]parenchymal (?:scarring|scar|thickening|changes?)|pleuroparenchymal "
+     r"(?:scarring|scar|thickening|changes?)|fibrothorax|(?:apical )?pleural cap(?:ping|s)?|"
+     r"apical cap(?:ping|s)?|thickening of the pleura|calcified pleura"),
+    ((EFF,), "pleural effusion",
+     r"(?:pleural )?eff?usions?|pleural fluid|hydrothorax|fluid in the (?:(?:right|left|minor|major"
+     r"|horizontal) )?(?:fissure|pleural space)|subpulmonic (?:effusion|fluid)|"
+     r"loculated fluid|layering fluid"),
+    # --- Edema
+    ((ED,), "pulmonary edema",
+     r"(?:pulmonary |interstitial |alveolar |airspace |perihilar )?oedema|(?<!soft tissue )"
+     r"(?<!subcutaneous )edema(?:tous)?|(?:vascular|venous|pulmonary|vasculature|perihilar) "
+     r"(?:congestion|engorgement)|congestion|(?:congestive )?heart failure|chf|fluid overload|"
+     r"cephalization|kerley b? ?lines|vascular (?:indistinctness|plethora)"),
+    # --- Consolidation / pneumonia
+    ((CO,), "consolidation", r"consolidat(?:ion|ions|ive|ed|ing)"),
+    ((PNA,), "pneumonia",
+     r"pneumonias?|pneumonitis|bronchopneumonia|pna|infections?|infectious (?:process|etiology|"
+     r"disease|infiltrate)|aspiration"),
+    # --- Atelectasis
+    ((AT,), "atelectasis",
+     r"atelecta(?:sis|ses|tic)|atelctasis|atelectsis|atalectasis|ateletasis|"
+     r"(?:lobar|lung|lobe|segmental|subsegmental) collapse|collapsed? (?:lung|lobe)"),
+    # --- Lung Opacity (broad, as in CheXpert: opacities, infiltrates, densities, airspace disease,
+    # interstitial markings, scarring)
+    ((LO,), "opacity",
+     r"opacit(?:y|ies)|opacification|opacified|infiltrat(?:e|es|ion|ive)|(?<!bone )"
+     r"(?<!bony )densit(?:y|ies)|air[- ]?space (?:disease|process|filling|opacit(?:y|ies))|"
+     r"haz(?:e|iness|y opacit(?:y|ies))|ground[- ]glass|(?:interstitial|reticular|"
+     r"reticulonodular|coarse(?:ned)?) (?:markings?|prominence|pattern|changes?|lung disease|"
+     r"thickening|opacities)|increased (?:interstitial |lung |pulmonary )?markings|reticulation|"
+     r"(?:parenchymal |pulmonary |lung |linear |apical |basilar |streaky )?scar(?:ring|s)?|"
+     r"fibrotic changes?|fibrosis"),
+    # --- Fracture
+    ((FX,), "fracture", r"fractures?|fractured|fx|fxs"),
+    # --- Support Devices: tubes, lines, catheters, implanted devices, surgical hardware
+    ((SD,), "pacemaker",
+     r"pacemakers?|pacers?|pacing (?:device|leads?|wires?|generator)|(?:cardiac |transvenous )?"
+     r"(?:pacemaker |pacer |icd |defibrillator )?leads?|icds?|aicds?|defibrillators?|"
+     r"(?:loop|cardiac) recorders?|generator (?:pack|device)"),
+    ((SD,), "central line",
+     r"(?:central venous|central|venous|picc|pic|port|swan[- ]ganz|pulmonary artery|arterial|"
+     r"dialysis|hemodialysis|(?:internal )?jugular|subclavian|midline|catheter) "
+     r"(?:lines?|catheters?)|piccs?|port-?a-?caths?|portacaths?|mediports?|power ?ports?|"
+     r"(?:chest|venous|infusion|right chest|left chest|subcutaneous) ports?|catheters?"),
+    ((SD,), "tube",
+     r"(?:endotracheal|et|nasogastric|ng|orogastric|og|enteric|feeding|dobhoff|gastric|chest|"
+     r"thoracostomy|tracheostomy|trach|g-|j-|gastrostomy|pigtail) ?tubes?|tracheostomy|"
+     r"(?:pleural |chest |surgical |mediastinal )?drains?|pleurx"),
+    ((SD,), "sternotomy wires",
+     r"(?:median |midline )?sternotomy(?: wires?| sutures?| clips?)?|sternal (?:wires?|sutures?|"
+     r"clips?)|cerclage wires?"),
+    ((SD,), "surgical clips",
+     r"(?:surgical|vascular|cholecystectomy|metallic|postsurgical|post-surgical|axillary) clips?|"
+     r"clips|staples?|suture (?:material|line)s?|surgical (?:sutures?|hardware|material)"),
+    ((SD,), "prosthetic valve",
+     r"(?:prosthetic|mechanical|bioprosthetic|artificial) (?:aortic |mitral )?valves?|"
+     r"(?:aortic|mitral|tricuspid) valve (?:replacement|prosthesis|repair|annuloplasty)|"
+     r"valve replacement|annuloplasty ring"),
+    ((SD,), "stent", r"stents?|stent-?grafts?|endografts?|ivc filters?"),
+    ((SD,), "orthopedic hardware",
+     r"(?:orthopedic |orthopaedic |fixation |spinal fusion |fusion |postoperative |metallic )?"
+     r"hardware|fixation (?:plates?|screws?|rods?|devices?)|(?:pedicle |surgical )?screws|plates? "
+     r"and screws|spinal (?:fusion|rods?)|(?:intramedullary |harrington )?rods?|arthroplast(?:y|ies)"
+     r"|(?:shoulder|humeral) (?:prosthesis|replacement)"),
+    ((SD,), "medical device",
+     r"(?:support|monitoring|medical|implanted|implantable|cardiac|electronic) (?:devices?|"
+     r"apparatus|equipment)|(?:ecg|ekg|telemetry) (?:leads?|wires?)|devices?|coils?|"
+     r"balloon pump|iabp|lvad|left ventricular assist device|impella|ecmo (?:cannula)?|cannulas?"),
+]
+
+# Subject + predicate phrases ("the heart is mildly enlarged", "heart size is normal") and prefixed
+# phrases ("normal heart size", "enlarged cardiac silhouette"). The predicate word decides the
+# status: POSITIVE words -> present, NORMAL words -> absent, BORDERLINE words -> uncertain. For the
+# "chest" subject (No Finding), "normal" means No Finding present and "abnormal" means absent.
+# negate() flips a predicate by replacing its word (normal <-> enlarged / abnormal).
+PREDICATE_SUBJECTS: list[tuple[tuple[str, ...], str, str]] = [
+    ((CM, ECM), "cardiac and mediastinal contours",
+     r"(?:the )?(?:cardiac and mediastinal|heart and mediastinal|mediastinal and cardiac) "
+     r"(?:silhouettes?|contours?|shadows?|size)|(?:the )?heart and mediastinum"),
+    ((ECM,), "cardiomediastinal silhouette",
+     r"(?:the )?(?:cardiomediastinal|cardio-mediastinal|cardiomedistinal|mediastinal) "
+     r"(?:silhouettes?|contours?|shadows?|size|width|structures)|(?:the )?(?:superior )?mediastinum"),
+    ((CM,), "heart size",
+     r"(?:the )?(?:heart|cardiac|cardiac silhouette|cardiac shadow|heart shadow|cardiac contours?|"
+     r"heart silhouette|cardiac size|heart size|size of the heart)(?: size)?"),
+    ((NF,), "chest",
+     r"(?:the )?chest(?: (?:x-?ray|radiographs?|films?|study|exam(?:ination)?|x-xxxx|xxxx))?"),
+]
+# Words that may stand between the subject and the predicate.
+PREDICATE_GAP = (
+    r"(?:\s+and (?:the )?(?:pulmonary |hilar )?(?:vasculature|vascularity|hila|hilar contours?|"
+    r"pulmonary vessels|lungs))?(?:\s+(?:is|are|appears?|appear|remains?|remain|seems?|looks?|"
+    r"again|otherwise|now|still|also|overall|grossly|stable and|both|to be))*"
+)
+PREDICATE_ADVERBS = (
+    r"(?:(?:mildly|slightly|moderately|markedly|severely|minimally|massively|significantly|"
+    r"somewhat|at least|very|stably|persistently|again|not|probably|possibly|likely)\s+)*"
+)
+PREDICATE_BORDERLINE = (
+    r"borderline(?: (?:enlarged|in size|size|prominent|normal|cardiomegaly))?|(?:at )?(?:the )?"
+    r"(?:upper|top) (?:limits? of )?normal(?: (?:in )?size| limits)?|top[- ]normal(?: in size| "
+    r"size)?|upper[- ]normal(?: in size| size)?|normal to (?:mildly |slightly )?(?:enlarged|"
+    r"prominent)"
+)
+PREDICATE_NORMAL = (
+    r"normal(?:[- ]sized?)?(?: (?:in|for) (?:size|contour|appearance|caliber)(?: and "
+    r"(?:size|contour|appearance|configuration))?)?|within normal (?:limits|size)(?: (?:in|for) "
+    r"(?:size|contour|appearance)(?: and (?:size|contour|appearance))?)?|within the normal range|"
+    r"unremarkable|(?:of )?normal size"
+)
+PREDICATE_POSITIVE = r"enlarged|widened|prominent|increased|large|enlarging|globular|abnormal"
+# Prefixed forms use the same words before the subject.
+PREFIX_WORDS = (
+    r"normal(?:[- ]sized?)?|unremarkable|enlarged|widened|prominent|large|globular|abnormal|"
+    r"borderline(?: enlarged)?|top[- ]normal|upper[- ]normal"
+)
+PREFIX_SUBJECTS: list[tuple[tuple[str, ...], str, str]] = [
+    ((CM, ECM), "cardiac and mediastinal contours",
+     r"(?:cardiac and mediastinal|heart and mediastinal) (?:silhouettes?|contours?|shadows?|size)"),
+    ((ECM,), "cardiomediastinal silhouette",
+     r"(?:cardiomediastinal|cardio-mediastinal|mediastinal) (?:silhouettes?|contours?|shadows?|"
+     r"size|width)|(?:superior )?mediastinum"),
+    ((CM,), "heart size",
+     r"(?:heart|cardiac) (?:size|silhouette|shadow|contours?)|heart(?! and)"),
+    ((NF,), "chest",
+     r"chest(?: (?:x-?ray|radiographs?|films?|study|exam(?:ination)?|x-xxxx|xxxx))?"),
+]
+
+# ---------------------------------------------------------------------------------------------
+# Cues. Each group is a list of regex fragments; the labeler compiles them into one alternation in
+# this order so that a longer, more specific cue wins at the same position ("cannot be excluded"
+# before "not", "no change" before "no").
+PSEUDO_CUES = [
+    r"no (?:(?:significant|appreciable|interval|definite|substantial|acute|radiographic|"
+    r"substantial|overall) )*(?:change|increase|decrease|progression|worsening|improvement|"
+    r"enlargement|growth)",
+    r"without (?:(?:significant|interval|appreciable) )*(?:change|increase|progression|"
+    r"enlargement|growth)",
+    r"not (?:only|necessarily|significantly changed|changed|increased|decreased)",
+    r"no longer (?:enlarged|prominent)",
+    r"gram[- ]negative",
+]
+UNCERTAIN_POST_CUES = [
+    r"(?:can ?not|can't|could not|may not) (?:be )?(?:entirely |completely |totally |definitely )?"
+    r"(?:excluded|ruled out|exclude|rule out|excluded radiographically)",
+    r"(?:is|are) not (?:entirely |completely )?(?:excluded|ruled out)",
+    r"not (?:entirely |completely )?(?:excluded|ruled out)",
+    r"(?:is|are) (?:possible|likely|suspected|questioned|suggested|considered|favored|not "
+    r"certain|uncertain)",
+    r"(?:may|might|could) (?:be|represent|reflect) (?:present|seen|developing)",
+    r"\?",
+]
+UNCERTAIN_PRE_CUES = [
+    r"(?:can ?not|can't|could not|difficult to|unable to) (?:be )?(?:entirely |completely |"
+    r"totally |definitely )?(?:exclude|rule out|excluded|ruled out|assess for|evaluate for)",
+    r"(?:may|might|could|can|would) (?:also |possibly |potentially |still )?(?:be |have )?"
+    r"(?:represent(?:ing)?|reflect(?:ing)?|indicate|be|due to|related to|secondary to|"
+    r"consistent with|suggest|relate to|attributed to|caused by|contain)",
+    r"(?:may|might|could)",
+    r"(?:possible|possibly|probable|probably|likely|presumably|presumed|presumptive|suspected|"
+    r"suspect|suspicious for|suspicion (?:of|for)|concerning for|concern for|worrisome for|"
+    r"questionable|question of|questioned|equivocal|indeterminate|cannot exclude|differential "
+    r"(?:diagnosis )?(?:includes?|of|would include)|consider(?:ed|ing)?|suggest(?:s|ive of|ing|ed)?"
+    r"|rule out|r/o|to exclude|evaluate for|evaluation for|assess for|versus|vs\.?|borderline|"
+    r"either|uncertain|unclear|favor(?:ed|s)?|maybe)",
+]
+NEGATION_POST_CUES = [
+    r"(?:(?:is|are|was|were|has been|have been)\s+)?(?:not|no longer|never) (?:(?:well |clearly |"
+    r"definitely |convincingly |currently |again |radiographically |otherwise |now )?)(?:seen|"
+    r"visualized|visible|identified|present|evident|demonstrated|appreciated|noted|detected|"
+    r"apparent|shown|observed|recognized|delineated|confirmed)",
+    r"(?:(?:has|have) )?(?:resolved|cleared|disappeared)",
+    r"(?:(?:has|have) been |was |were )?removed",
+    r"(?:is|are|was|were) (?:absent|gone|excluded)",
+    r"no longer",
+]
+NEGATION_PRE_CUES = [
+    r"(?:no|without)(?:\s+(?:new|other|acute|definite|radiographic|convincing|obvious|residual|"
+    r"evidence|visible|visualized|significant|focal|gross|overt|large|appreciable|clear|"
+    r"discrete|suspicious|xxxx|signs?|findings?|interval development|development|persistent|"
+    r"recurrent|further|additional|demonstrable|detectable|identifiable|apparent|frank|"
+    r"displaced|definitive|change to suggest|features|areas?|displacement|more|sizable|"
+    r"measurable|substantial|specific|dense|typical|of|for|to suggest|suggestion of|"
+    r"any|remaining|longer|recurrence))*",
+    r"(?:negative for|free of|clear of|clearing of|absence of|absent|resolution of|resolved|"
+    r"removal of|interval removal of|rules out|ruled out|not|nor|neither)",
+]
+# Cues that look both ways ("atelectasis versus pneumonia": both uncertain).
+UNCERTAIN_BOTH_CUES = [r"versus", r"vs\.?", r"or less likely", r"and/or"]
+# Words that end the scope of a cue inside a sentence.
+TERMINATORS = [
+    r"but",
+    r"however",
+    r"although",
+    r"though",
+    r"except(?: for)?",
+    r"aside from",
+    r"apart from",
+    r"other than",
+    r"which",
+    r"with",
+    r"who",
+    r"whereas",
+    r"while",
+    r"there (?:is|are|has been|have been|was|were)",
+    r"(?:is|are) (?:again )?(?:seen|noted|present|identified|unchanged|stable|visualized)",
+    r"and (?:there|the|a|an|mild|moderate|severe|small|large|stable|persistent|new|increased)",
+    r"(?:consistent|compatible) with",
+    r"again",
+    r"persistent",
+    r"stable",
+    r"unchanged",
+    r"seen",
+    r"[;:]",
+]
+
+LATERALITY = {
+    "left": "left",
+    "right": "right",
+    "bilateral": "bilateral",
+    "bilaterally": "bilateral",
+    "both": "bilateral",
+    "bibasilar": "bilateral",
+    "bibasal": "bilateral",
+    "biapical": "bilateral",
+    "bibasally": "bilateral",
+    "biapically": "bilateral",
+}
+SEVERITY = {
+    "trace": "trace",
+    "tiny": "small",
+    "small": "small",
+    "smaller": "small",
+    "mild": "mild",
+    "mildly": "mild",
+    "minimal": "mild",
+    "minimally": "mild",
+    "slight": "mild",
+    "slightly": "mild",
+    "moderate": "moderate",
+    "moderately": "moderate",
+    "large": "large",
+    "massive": "large",
+    "massively": "large",
+    "severe": "severe",
+    "severely": "severe",
+    "marked": "severe",
+    "markedly": "severe",
+}
+
+# ---------------------------------------------------------------------------------------------
+# Rewriting vocabulary.
+# Abbreviation <-> expansion pairs used by equivalent rewrites (both directions).
+ABBREVIATIONS: list[tuple[str, str]] = [
+    ("PA", "posteroanterior"),
+    ("AP", "anteroposterior"),
+    ("CHF", "congestive heart failure"),
+    ("RUL", "right upper lobe"),
+    ("RML", "right middle lobe"),
+    ("RLL", "right lower lobe"),
+    ("LUL", "left upper lobe"),
+    ("LLL", "left lower lobe"),
+    ("ETT", "endotracheal tube"),
+    ("NGT", "nasogastric tube"),
+    ("PICC", "peripherally inserted central catheter"),
+    ("CABG", "coronary artery bypass graft"),
+    ("COPD", "chronic obstructive pulmonary disease"),
+    ("SVC", "superior vena cava"),
+    ("IVC", "inferior vena cava"),
+    ("CP", "costophrenic"),
+    ("AC", "acromioclavicular"),
+    ("CT", "computed tomography"),
+    ("bilat", "bilateral"),
+    ("w/", "with"),
+    ("w/o", "without"),
+    ("approx", "approximately"),
+    ("lat", "lateral"),
+]
+# Synonym pairs that keep every CheXpert observation the same (checked by the Labeler anyway).
+SYNONYMS: list[tuple[str, str]] = [
+    ("cardiomegaly", "enlarged cardiac silhouette"),
+    ("pleural effusion", "pleural fluid collection"),
+    ("pleural effusions", "pleural fluid collections"),
+    ("pneumothorax", "collapsed lung from pleural air"),
+    ("atelectasis", "atelectatic change"),
+    ("consolidation", "consolidative change"),
+    ("pulmonary edema", "pulmonary oedema"),
+    ("vascular congestion", "vascular engorgement"),
+    ("opacity", "opacification"),
+    ("opacities", "areas of opacification"),
+    ("nodule", "nodular opacity"),
+    ("heart size is normal", "heart is normal in size"),
+    ("lungs are clear", "lungs are free of focal disease"),
+    ("within normal limits", "normal"),
+    ("no acute cardiopulmonary abnormality", "no acute cardiopulmonary process"),
+    ("no acute disease", "no active disease"),
+    ("bilateral", "bilaterally"),
+    ("there is no", "no"),
+    ("no evidence of", "no"),
+]
+# One-error "neighbour" findings: a finding replaced by a clinically different one nearby.
+NEIGHBOURS: dict[str, str] = {
+    "atelectasis": "consolidation",
+    "consolidation": "atelectasis",
+    "pneumonia": "pulmonary edema",
+    "edema": "pneumonia",
+    "pleural effusion": "pneumothorax",
+    "effusion": "pneumothorax",
+    "effusions": "pneumothoraces",
+    "pneumothorax": "pleural effusion",
+    "nodule": "fracture",
+    "mass": "consolidation",
+    "cardiomegaly": "pleural effusion",
+    "fracture": "nodule",
+    "granuloma": "pneumothorax",
+}
+# Devices that a one-error edit may add (as a sentence) - the canonical device words.
+DEVICE_SENTENCES: list[str] = [
+    "A right internal jugular central venous catheter terminates in the superior vena cava.",
+    "A left chest wall pacemaker is present with leads in the right atrium and right ventricle.",
+    "An endotracheal tube terminates 4 cm above the carina.",
+    "A nasogastric tube courses below the diaphragm.",
+    "A right-sided chest tube is in place.",
+]

@@ -1,0 +1,185 @@
+"""Open-I (Indiana University) reports with people-assigned MeSH terms, and their CheXpert mapping.
+
+The 3,955 XML reports ship in torchxrayvision (``llmclip.assets.openi_reports_tgz``). Each has
+AbstractText sections (COMPARISON, INDICATION, FINDINGS, IMPRESSION) and MeSH ``major`` terms
+written by people as ``Head/qualifier/qualifier`` (e.g. ``Pleural Effusion/left/small``).
+
+MeSH -> CheXpert mapping (``mesh_to_chexpert``), following the CheXpert class definitions:
+
+=============================  ==================================================================
+CheXpert class                 MeSH major heads (case-insensitive) mapped to it
+=============================  ==================================================================
+Enlarged Cardiomediastinum     Mediastinum/{enlarged, widened, prominent}
+Cardiomegaly                   Cardiomegaly; Cardiac Shadow/{enlarged, borderline}
+Lung Lesion                    Nodule; Mass; Neoplasm(s); Lung Neoplasms
+Lung Opacity                   Opacity, Airspace Disease, Density, Infiltrate (all in the lung or
+                               unqualified); Cicatrix (scarring) and Markings/interstitial|reticular
+                               because CheXpert's own opacity phrases include "scar" and
+                               "interstitial markings"; NOT Markings/bronchovascular
+Edema                          Pulmonary Edema; Pulmonary Congestion; Heart Failure (CheXpert's
+                               edema phrases include vascular congestion and heart failure)
+Consolidation                  Consolidation
+Pneumonia                      Pneumonia
+Atelectasis                    Pulmonary Atelectasis
+Pneumothorax                   Pneumothorax; Hydropneumothorax; Hemopneumothorax
+Pleural Effusion               Pleural Effusion; Hydropneumothorax; Hemothorax; Hemopneumothorax
+Pleural Other                  Thickening/pleura...; Pleura/... ; Fibrothorax
+Fracture                       Fractures, Bone
+Support Devices                Catheters, Indwelling; Implanted Medical Device; Tube, Inserted;
+                               Medical Device; Stents; Surgical Instruments (clips, sternotomy
+                               wires); Spinal Fusion (hardware); Sutures
+No Finding                     CheXpert's rule on the mapped labels: 1 when no pathology above
+                               (Support Devices excepted) is mapped and the report is indexed
+=============================  ==================================================================
+
+Not mapped (no CheXpert class): Costophrenic Angle/blunted (indexed separately from Pleural
+Effusion by the annotators), Calcified Granuloma, Granulomatous Disease, Calcinosis, Emphysema,
+Lung/hypoinflation, Spine and bone degeneration, Hernia, Foreign Bodies, Technical Quality.
+Reports indexed "No Indexing" carry no human label and are left out of the evaluation.
+"""
+
+from __future__ import annotations
+
+import tarfile
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+
+from llmclip.config import ConfigError
+
+_HEAD_MAP: dict[str, tuple[str, ...]] = {
+    "cardiomegaly": ("Cardiomegaly",),
+    "nodule": ("Lung Lesion",),
+    "mass": ("Lung Lesion",),
+    "neoplasms": ("Lung Lesion",),
+    "neoplasm": ("Lung Lesion",),
+    "lung neoplasms": ("Lung Lesion",),
+    "opacity": ("Lung Opacity",),
+    "airspace disease": ("Lung Opacity",),
+    "density": ("Lung Opacity",),
+    "infiltrate": ("Lung Opacity",),
+    "cicatrix": ("Lung Opacity",),
+    "pulmonary edema": ("Edema",),
+    "pulmonary congestion": ("Edema",),
+    "heart failure": ("Edema",),
+    "consolidation": ("Consolidation",),
+    "pneumonia": ("Pneumonia",),
+    "pulmonary atelectasis": ("Atelectasis",),
+    "pneumothorax": ("Pneumothorax",),
+    "hydropneumothorax": ("Pneumothorax", "Pleural Effusion"),
+    "hemopneumothorax": ("Pneumothorax", "Pleural Effusion"),
+    "pleural effusion": ("Pleural Effusion",),
+    "hemothorax": ("Pleural Effusion",),
+    "fibrothorax": ("Pleural Other",),
+    "fractures, bone": ("Fracture",),
+    "catheters, indwelling": ("Support Devices",),
+    "implanted medical device": ("Support Devices",),
+    "tube, inserted": ("Support Devices",),
+    "medical device": ("Support Devices",),
+    "stents": ("Support Devices",),
+    "surgical instruments": ("Support Devices",),
+    "spinal fusion": ("Support Devices",),
+    "sutures": ("Support Devices",),
+}
+_PATHOLOGY = (
+    "Enlarged Cardiomediastinum",
+    "Cardiomegaly",
+    "Lung Lesion",
+    "Lung Opacity",
+    "Edema",
+    "Consolidation",
+    "Pneumonia",
+    "Atelectasis",
+    "Pneumothorax",
+    "Pleural Effusion",
+    "Pleural Other",
+    "Fracture",
+)
+
+
+@dataclass(frozen=True)
+class OpenIReport:
+    """One Open-I report: sections and the people-assigned MeSH major terms."""
+
+    uid: str
+    """Report id, e.g. "CXR1"."""
+    findings: str
+    """FINDINGS section ('' when missing)."""
+    impression: str
+    """IMPRESSION section ('' when missing)."""
+    indication: str
+    """INDICATION section ('' when missing)."""
+    comparison: str
+    """COMPARISON section ('' when missing)."""
+    mesh: tuple[str, ...]
+    """MeSH major terms as written, e.g. ("Pleural Effusion/left/small",)."""
+
+    @property
+    def text(self) -> str:
+        """Findings and impression: the text the labels are evaluated on."""
+        return " ".join(t for t in (self.findings, self.impression) if t)
+
+
+def read_openi(path: str | Path) -> list[OpenIReport]:
+    """Parse every XML report in the Open-I tgz (sorted by numeric id)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"Open-I archive not found: {path}")
+    out: list[OpenIReport] = []
+    try:
+        with tarfile.open(path, "r:gz") as tf:
+            for member in tf:
+                if not member.isfile() or not member.name.endswith(".xml"):
+                    continue
+                data = tf.extractfile(member).read()
+                root = ET.fromstring(data)
+                sec = {
+                    (a.get("Label") or "").upper(): " ".join((a.text or "").split())
+                    for a in root.iter("AbstractText")
+                }
+                uid_el = root.find("uId")
+                uid = uid_el.get("id") if uid_el is not None else Path(member.name).stem
+                mesh = tuple((m.text or "").strip() for m in root.iter("major") if m.text)
+                out.append(
+                    OpenIReport(
+                        uid=uid,
+                        findings=sec.get("FINDINGS", ""),
+                        impression=sec.get("IMPRESSION", ""),
+                        indication=sec.get("INDICATION", ""),
+                        comparison=sec.get("COMPARISON", ""),
+                        mesh=mesh,
+                    )
+                )
+    except (tarfile.TarError, ET.ParseError, OSError) as e:
+        raise ConfigError(f"cannot read Open-I archive {path}: {e}") from e
+    out.sort(key=lambda r: int("".join(ch for ch in r.uid if ch.isdigit()) or 0))
+    return out
+
+
+def _map_term(term: str) -> tuple[str, ...]:
+    parts = [p.strip().lower() for p in term.split("/")]
+    head, quals = parts[0], set(parts[1:])
+    if head in _HEAD_MAP:
+        return _HEAD_MAP[head]
+    if head == "mediastinum" and quals & {"enlarged", "widened", "prominent"}:
+        return ("Enlarged Cardiomediastinum",)
+    if head == "cardiac shadow" and quals & {"enlarged", "borderline"}:
+        return ("Cardiomegaly",)
+    if head == "markings" and quals & {"interstitial", "reticular"}:
+        return ("Lung Opacity",)
+    if head == "thickening" and "pleura" in quals or head == "pleura":
+        return ("Pleural Other",)
+    return ()
+
+
+def mesh_to_chexpert(mesh: tuple[str, ...] | list[str]) -> dict[str, int] | None:
+    """CheXpert vector (positives only, plus No Finding) from MeSH major terms; None if unindexed."""
+    terms = [t for t in mesh if t.strip()]
+    if not terms or any(t.strip().lower() == "no indexing" for t in terms):
+        return None
+    labels: dict[str, int] = {}
+    for t in terms:
+        for c in _map_term(t):
+            labels[c] = 1
+    labels["No Finding"] = 0 if any(c in labels for c in _PATHOLOGY) else 1
+    return labels
