@@ -138,7 +138,7 @@ class GraphEncoder(nn.Module):
         self.cfg = cfg
         self.label = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.status = nn.Embedding(len(STATUSES), cfg.dim)
-        self.type = nn.Embedding(len(NODE_TYPES), cfg.dim)
+        self.node_type = nn.Embedding(len(NODE_TYPES), cfg.dim)
         self.self_lin = nn.ModuleList(nn.Linear(cfg.dim, cfg.dim) for _ in range(cfg.layers))
         self.rel_lin = nn.ModuleList(
             nn.Linear(cfg.dim, cfg.dim * len(RELATIONS), bias=False) for _ in range(cfg.layers)
@@ -150,9 +150,11 @@ class GraphEncoder(nn.Module):
     def forward(self, graph: dict[str, torch.Tensor]) -> torch.Tensor:
         labels, status, types = graph["labels"], graph["status"], graph["types"]
         mask = graph["mask"].to(self.proj.weight.dtype)  # [B, N]
-        adj = graph["adj"].to(self.proj.weight.dtype)  # [B, R, N, N]
+        # Padding nodes neither send nor receive messages.
+        pair = (mask.unsqueeze(-1) * mask.unsqueeze(-2)).unsqueeze(1)
+        adj = graph["adj"].to(self.proj.weight.dtype) * pair  # [B, R, N, N]
         adj = adj / adj.sum(-1, keepdim=True).clamp(min=1.0)
-        h = self.label(labels) + self.status(status) + self.type(types)
+        h = (self.label(labels) + self.status(status) + self.node_type(types)) * mask.unsqueeze(-1)
         b, n, d = h.shape
         r = len(RELATIONS)
         for lin_s, lin_r, norm in zip(self.self_lin, self.rel_lin, self.norms, strict=True):
@@ -288,12 +290,16 @@ class CLIPModel(nn.Module):
         pixels: torch.Tensor,
         text_emb: torch.Tensor,
         graph: dict[str, torch.Tensor] | None = None,
+        negated_emb: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
+        """All streams in one call (ZeRO-3 gathers parameters per forward)."""
         out = {
             "image": self.encode_image(pixels),
             "text": self.encode_text(text_emb),
             "scale": self.scale(),
         }
+        if negated_emb is not None:
+            out["negated"] = self.encode_text(negated_emb)
         if graph is not None and self.graph_encoder is not None:
             out["graph"] = self.encode_graph(graph)
         return out

@@ -1,0 +1,128 @@
+"""From loader samples to the tensors of one stage-2 step: pixels, cached report rows, CheXpert
+label vectors and report graphs.
+
+Text never goes through the LLM here: the report (and negated report) embeddings are rows of the
+embedding cache, looked up by the sample's shard and key (the cache checks the keys). Label vectors
+and graphs feed the soft labels and the graph stream; graphs are built once per key and kept.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from llmclip.cache import EmbeddingCache, shard_name
+from llmclip.clip.model import NODE_TYPES, RELATIONS, STATUSES, GraphConfig
+from llmclip.clip.reportgraph import graph_parts
+from llmclip.config import ConfigError
+
+# CheXpert value -> soft-label weight: positive 1, uncertain 0.5, negative / not mentioned 0.
+LABEL_WEIGHT = {1: 1.0, -1: 0.5, 0: 0.0}
+
+
+def label_matrix(metas: Sequence[dict[str, Any]], classes: Sequence[str]) -> torch.Tensor:
+    """[n, len(classes)] soft-label weights from each sample's ``labels`` mapping."""
+    out = np.zeros((len(metas), len(classes)), dtype=np.float32)
+    for i, meta in enumerate(metas):
+        labels = meta.get("labels") or {}
+        for j, c in enumerate(classes):
+            v = labels.get(c)
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                out[i, j] = LABEL_WEIGHT.get(int(v), 0.0)
+    return torch.from_numpy(out)
+
+
+def report_text(meta: dict[str, Any]) -> str:
+    """The full report of a sample (empty string when absent)."""
+    report = meta.get("report") or {}
+    if isinstance(report, dict):
+        return str(report.get("full") or "")
+    return str(report)
+
+
+def _bucket(text: str, n: int) -> int:
+    # zlib.crc32 is stable across processes and runs (Python's hash() is salted).
+    return zlib.crc32(text.encode("utf-8")) % n
+
+
+class GraphFeaturizer:
+    """Report text -> padded GCN inputs and (entity, status) node sets, memoised per sample key."""
+
+    def __init__(self, cfg: GraphConfig, node_set_size: int = 1024, memo: int = 200_000):
+        self.cfg = cfg
+        self.node_set_size = node_set_size
+        self._memo: OrderedDict[str, tuple[list[tuple[int, int, int]], list[tuple[int, int, int]]]]
+        self._memo = OrderedDict()
+        self._max = memo
+
+    def _parts(
+        self, key: str, text: str
+    ) -> tuple[list[tuple[int, int, int]], list[tuple[int, int, int]]]:
+        hit = self._memo.get(key)
+        if hit is not None:
+            return hit
+        nodes, edges = graph_parts(text)
+        # Node 0 is the report itself, so every graph has a node and a readout.
+        enc_nodes = [(0, 0, 0)]
+        for label, status, ntype in nodes[: self.cfg.max_nodes - 1]:
+            enc_nodes.append(
+                (
+                    1 + _bucket(label, self.cfg.vocab_size - 1),
+                    STATUSES.index(status) if status in STATUSES else 0,
+                    NODE_TYPES.index(ntype) if ntype in NODE_TYPES else len(NODE_TYPES) - 1,
+                )
+            )
+        enc_edges = []
+        for src, dst, rel in edges:
+            if src + 1 < len(enc_nodes) and dst + 1 < len(enc_nodes):
+                r = RELATIONS.index(rel) if rel in RELATIONS else len(RELATIONS) - 1
+                enc_edges.append((src + 1, dst + 1, r))
+        # Every entity also hangs off the report node (relation "other").
+        enc_edges += [(0, i, len(RELATIONS) - 1) for i in range(1, len(enc_nodes))]
+        out = (enc_nodes, enc_edges)
+        self._memo[key] = out
+        if len(self._memo) > self._max:
+            self._memo.popitem(last=False)
+        return out
+
+    def tensors(self, keys: Sequence[str], texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Padded batch: labels/status/types [B, N], mask [B, N], adj [B, R, N, N] (both directions)."""
+        parts = [self._parts(k, t) for k, t in zip(keys, texts, strict=True)]
+        b, n, r = len(parts), self.cfg.max_nodes, len(RELATIONS)
+        labels = torch.zeros(b, n, dtype=torch.long)
+        status = torch.zeros(b, n, dtype=torch.long)
+        types = torch.zeros(b, n, dtype=torch.long)
+        mask = torch.zeros(b, n, dtype=torch.bool)
+        adj = torch.zeros(b, r, n, n)
+        for i, (nodes, edges) in enumerate(parts):
+            for j, (lab, st, ty) in enumerate(nodes):
+                labels[i, j], status[i, j], types[i, j], mask[i, j] = lab, st, ty, True
+            for src, dst, rel in edges:
+                adj[i, rel, src, dst] = 1.0
+                adj[i, rel, dst, src] = 1.0
+        return {"labels": labels, "status": status, "types": types, "mask": mask, "adj": adj}
+
+    def node_sets(self, keys: Sequence[str], texts: Sequence[str]) -> torch.Tensor:
+        """[B, node_set_size] multi-hot of (entity, status) pairs, for the g term of soft labels."""
+        out = torch.zeros(len(keys), self.node_set_size)
+        for i, (k, t) in enumerate(zip(keys, texts, strict=True)):
+            for lab, st, _ in self._parts(k, t)[0][1:]:
+                out[i, (lab * len(STATUSES) + st) % self.node_set_size] = 1.0
+        return out
+
+
+def cache_rows(cache: EmbeddingCache, shards: Sequence[str], keys: Sequence[str]) -> np.ndarray:
+    """``[n, variants, dim]`` cache rows for samples that may come from several shards."""
+    if len(shards) != len(keys):
+        raise ConfigError("batch has different numbers of shard names and keys")
+    names = [shard_name(s) for s in shards]
+    out = np.empty((len(keys), len(cache.variants), cache.dim), dtype=np.float32)
+    for name in dict.fromkeys(names):
+        idx = [i for i, s in enumerate(names) if s == name]
+        out[idx] = cache.rows(name, [keys[i] for i in idx])
+    return out

@@ -1,0 +1,226 @@
+"""Stage 2: train the dual tower on image shards + the embedding cache, under DeepSpeed.
+
+    deepspeed --num_gpus 2 llmclip/train.py --config configs/stage2/demo.yaml
+
+The LLM is never loaded: each sample's report (and negated report) embedding is a cache row,
+looked up by shard and key. Before any work the cache is checked against the shards (names,
+counts, keys, and the encoder fingerprint when ``data.encoder`` is given). ZeRO-2 by default
+(ZeRO-3 with ``deepspeed.zero_stage: 3``), a torch AdamW client optimizer with layer-wise LR decay
+for ViTs, warmup + cosine, checkpoints every ``run.save_every`` steps and resume from the latest.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmclip.clip.losses import LossConfig
+from llmclip.clip.model import CLIPModel, ModelConfig
+from llmclip.config import (
+    ConfigError,
+    DeepSpeedSection,
+    OptimConfig,
+    RunConfig,
+)
+
+
+@dataclass
+class DataConfig:
+    shards: str = ""
+    """Training image shards, a SPEC: ``DIR``, ``DIR:train`` or ``DIR:train,val``."""
+    cache: str = ""
+    """Embedding cache folder built from these shards by ``llmclip cache build``."""
+    encoder: str = ""
+    """Stage-1 encoder folder; when set, its fingerprint must equal the cache's (and eval uses it)."""
+    image_size: int = 224
+    """Side of the square input images (pixels are decoded at reduced size by the loader)."""
+    num_workers: int = 1
+    """DataLoader workers per rank for decoding images."""
+    text_variant: str = "report"
+    """Cache column used as the paired text."""
+    check_keys: bool = True
+    """At start, compare every shard's keys with the cache's, in order (reads tar headers only)."""
+    augment: bool = True
+    """Light random affine jitter (shift, scale) on the training images."""
+
+    def validate(self) -> None:
+        if not self.shards:
+            raise ConfigError("required: the training image shards SPEC", "shards")
+        if not self.cache:
+            raise ConfigError("required: the embedding cache folder", "cache")
+        if not Path(self.cache).is_dir():
+            raise ConfigError(f"embedding cache folder not found: {self.cache}", "cache")
+        if self.encoder and not Path(self.encoder).is_dir():
+            raise ConfigError(f"encoder folder not found: {self.encoder}", "encoder")
+        if not 16 <= self.image_size <= 2048:
+            raise ConfigError("must be in [16, 2048]", "image_size")
+        if self.num_workers < 0:
+            raise ConfigError("must be >= 0", "num_workers")
+
+
+@dataclass
+class Stage2OptimConfig(OptimConfig):
+    layer_decay: float = 1.0
+    """Layer-wise LR decay of the vision tower (ViTs; e.g. 0.75 for fine-tuning pretrained); 1 = off."""
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0 < self.layer_decay <= 1:
+            raise ConfigError("must be in (0, 1]", "layer_decay")
+
+
+@dataclass
+class Stage2Config:
+    stage: int = 2
+    """Which trainer ``llmclip/train.py`` runs (2 = this one)."""
+    run: RunConfig = field(default_factory=lambda: RunConfig(out_dir="runs/stage2"))
+    """Run folder, seed, logging, checkpoints, resume."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Image shards and the embedding cache."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Vision tower, text adapter, graph encoder, temperature."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """CLIP loss and the clinical additions (negation, soft labels, graph alignment)."""
+    optim: Stage2OptimConfig = field(default_factory=Stage2OptimConfig)
+    """AdamW, warmup + cosine, layer-wise LR decay."""
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    """DeepSpeed JSON, ZeRO stage, batch sizes, precision."""
+
+    def validate(self) -> None:
+        if self.stage != 2:
+            raise ConfigError("must be 2 for the stage-2 trainer", "stage")
+        soft = self.loss.soft_labels
+        if soft.enabled and soft.graph_similarity == "embedding" and not self.model.graph.enabled:
+            raise ConfigError(
+                "graph_similarity 'embedding' needs model.graph.enabled: true",
+                "loss.soft_labels.graph_similarity",
+            )
+
+
+# ------------------------------------------------------------------------------------------------
+# Optimizer and schedule
+# ------------------------------------------------------------------------------------------------
+
+
+def param_groups(model: CLIPModel, optim: Stage2OptimConfig) -> list[dict[str, Any]]:
+    """AdamW groups: vision tower by timm (layer decay when < 1), the rest decay / no-decay.
+
+    No weight decay on biases, norms, embeddings of 1-D shape and the logit scale.
+    """
+    from timm.optim import param_groups_layer_decay, param_groups_weight_decay
+
+    if optim.layer_decay < 1.0:
+        vis = param_groups_layer_decay(
+            model.visual, optim.weight_decay, layer_decay=optim.layer_decay
+        )
+    else:
+        vis = param_groups_weight_decay(model.visual, optim.weight_decay)
+    groups = [dict(g, lr_scale=g.get("lr_scale", 1.0)) for g in vis]
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if name.startswith("visual.") or not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name == "logit_scale" else decay).append(p)
+    groups.append({"params": decay, "weight_decay": optim.weight_decay, "lr_scale": 1.0})
+    groups.append({"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0})
+    groups = [g for g in groups if g["params"]]
+    for g in groups:
+        g["lr"] = optim.lr * g["lr_scale"]
+    return groups
+
+
+def lr_factor(step: int, optim: OptimConfig) -> float:
+    """Linear warmup to 1 over ``warmup_steps``, then cosine to ``min_lr_ratio`` at ``max_steps``."""
+    if optim.warmup_steps and step < optim.warmup_steps:
+        return (step + 1) / optim.warmup_steps
+    span = max(1, optim.max_steps - optim.warmup_steps)
+    progress = min(1.0, (step - optim.warmup_steps) / span)
+    return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_ds_config(cfg: Stage2Config, world: int) -> dict[str, Any]:
+    """The DeepSpeed JSON with batch sizes, clipping, precision, ZeRO stage and TensorBoard filled in."""
+    path = Path(cfg.deepspeed.config)
+    try:
+        ds = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read DeepSpeed config {path}: {e}", "deepspeed.config") from None
+    if not isinstance(ds, dict):
+        raise ConfigError(f"{path}: top level must be an object", "deepspeed.config")
+    for key, value in ds.items():
+        if value == "auto":
+            raise ConfigError(
+                f"{path}: '{key}' is 'auto'; write every value explicitly", "deepspeed.config"
+            )
+    d = cfg.deepspeed
+    ds["train_micro_batch_size_per_gpu"] = d.micro_batch_size
+    ds["gradient_accumulation_steps"] = d.grad_accum
+    ds["train_batch_size"] = d.micro_batch_size * d.grad_accum * world
+    ds["gradient_clipping"] = cfg.optim.grad_clip
+    bf16 = d.precision == "bf16" or (d.precision == "auto" and torch.cuda.is_available())
+    ds["bf16"] = {"enabled": bool(bf16)}
+    ds["fp16"] = {"enabled": False}
+    ds.setdefault("zero_optimization", {"stage": 2})
+    if d.zero_stage is not None:
+        ds["zero_optimization"]["stage"] = d.zero_stage
+    ds["zero_allow_untested_optimizer"] = True  # a torch AdamW client optimizer (no compiled ops)
+    ds["tensorboard"] = {
+        "enabled": bool(cfg.run.tensorboard),
+        "output_path": str(Path(cfg.run.out_dir) / "tb"),
+        "job_name": "stage2",
+    }
+    ds["steps_per_print"] = ds.get("steps_per_print", 10**9)
+    return ds
+
+
+# ------------------------------------------------------------------------------------------------
+# Training
+# ------------------------------------------------------------------------------------------------
+
+
+def augment(pixels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random shift (up to 4%) and scale (0.95-1.05) per image, on normalised pixels."""
+    b = pixels.shape[0]
+    scale = 1.0 + (torch.rand(b, generator=gen) - 0.5) * 0.1
+    shift = (torch.rand(b, 2, generator=gen) - 0.5) * 0.08
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1.0 / scale
+    theta[:, :, 2] = shift
+    grid = torch.nn.functional.affine_grid(
+        theta.to(pixels), list(pixels.shape), align_corners=False
+    )
+    fill = pixels.amin(dim=(1, 2, 3), keepdim=True)
+    out = torch.nn.functional.grid_sample(
+        pixels - fill, grid, align_corners=False, padding_mode="zeros"
+    )
+    return out + fill
+
+
+def run(cfg: Stage2Config) -> Path:
+    """Train; returns the run folder (``RUN/final`` holds the model)."""
+    from llmclip.clip.trainer import Stage2Trainer
+
+    trainer = Stage2Trainer(cfg)
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    return Path(cfg.run.out_dir)
+
+
+def _now() -> float:
+    return time.perf_counter()
+
+
+def _env_threads() -> None:
+    # Ranks on one CPU host share its cores: give each rank its share instead of all of them.
+    if not torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")) or 1)
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))

@@ -1,0 +1,357 @@
+"""The stage-2 training loop (see ``llmclip.clip.stage2`` for the config and the entry point).
+
+One optimizer step = ``grad_accum`` micro-batches per rank. Every rank runs exactly ``max_steps``
+steps (the contrastive loss is a collective), pulling batches from its own shard stream; a rank
+that finishes its epoch first starts its next epoch. Randomness (augmentation, drop-path) is
+re-seeded from (seed, step, rank) every step, and the data position is saved with every
+checkpoint, so a killed run resumed from its last checkpoint takes the same steps as an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from llmclip.cache import EmbeddingCache, shard_name
+from llmclip.clip import state as ckpt
+from llmclip.clip.batching import GraphFeaturizer, cache_rows, label_matrix, report_text
+from llmclip.clip.losses import total_loss
+from llmclip.clip.model import CLIPModel
+from llmclip.clip.stage2 import (
+    Stage2Config,
+    _env_threads,
+    _now,
+    augment,
+    build_ds_config,
+    lr_factor,
+    param_groups,
+)
+from llmclip.config import ConfigError, to_dict
+from llmclip.distributed import init_distributed
+
+
+def unbatch(batch: Any) -> list[dict[str, Any]]:
+    """Loader batch (a list of sample dicts, or a dict of lists) -> list of sample dicts."""
+    if isinstance(batch, list):
+        return batch
+    if isinstance(batch, dict):
+        n = len(batch["key"])
+        return [
+            {k: v[i] for k, v in batch.items() if hasattr(v, "__getitem__") and len(v) == n}
+            for i in range(n)
+        ]
+    raise ConfigError(f"loader yielded {type(batch).__name__}, expected a dict or list batch")
+
+
+def sample_shard(sample: dict[str, Any], key_to_shard: dict[str, str]) -> str:
+    for field_name in ("shard", "__url__", "url"):
+        if sample.get(field_name):
+            return shard_name(str(sample[field_name]))
+    try:
+        return key_to_shard[sample["key"]]
+    except KeyError:
+        raise ConfigError(
+            f"sample {sample.get('key')!r} is not in any training shard's cache rows"
+        ) from None
+
+
+class ShardStream:
+    """Endless micro-batches of one rank, epoch after epoch, with a resumable position."""
+
+    def __init__(self, cfg: Stage2Config):
+        self.cfg = cfg
+        self.epoch = 0
+        self.consumed = 0  # batches taken from the current epoch
+        self._it: Iterator | None = None
+
+    def _open(self) -> Iterator:
+        from llmclip.data.loader import make_loader
+
+        d = self.cfg.data
+        loader = make_loader(
+            d.shards,
+            kind="image",
+            batch_size=self.cfg.deepspeed.micro_batch_size,
+            image_size=d.image_size,
+            epoch=self.epoch,
+            seed=self.cfg.run.seed,
+            num_workers=d.num_workers,
+            shuffle=True,
+        )
+        it = iter(loader)
+        for _ in range(self.consumed):  # resume: replay the order, drop what was already used
+            next(it)
+        return it
+
+    def next(self) -> list[dict[str, Any]]:
+        empty_epochs = 0
+        while True:
+            if self._it is None:
+                self._it = self._open()
+            try:
+                samples = unbatch(next(self._it))
+            except StopIteration:
+                self._it = None
+                empty_epochs = empty_epochs + 1 if self.consumed == 0 else 0
+                if empty_epochs > 1:
+                    raise ConfigError(
+                        f"rank has no full batch of {self.cfg.deepspeed.micro_batch_size} in "
+                        f"{self.cfg.data.shards} (too few samples or shards for this many ranks)",
+                        "data.shards",
+                    ) from None
+                self.epoch, self.consumed = self.epoch + 1, 0
+                continue
+            self.consumed += 1
+            # Equal batch sizes on every rank (the loss gathers); a short last batch is dropped.
+            if len(samples) == self.cfg.deepspeed.micro_batch_size:
+                return samples
+
+    def position(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "consumed": self.consumed}
+
+    def restore(self, pos: dict[str, int]) -> None:
+        self.epoch, self.consumed, self._it = int(pos["epoch"]), int(pos["consumed"]), None
+
+
+class Stage2Trainer:
+    def __init__(self, cfg: Stage2Config):
+        import deepspeed
+
+        from llmclip.clinical import CHEXPERT_CLASSES
+        from llmclip.data.shards import resolve_shards
+
+        _env_threads()
+        self.cfg = cfg
+        self.env = init_distributed(cfg.run.collective_timeout_s)
+        self.out = Path(cfg.run.out_dir)
+        self.classes = list(CHEXPERT_CLASSES)
+
+        # Refuse a cache that does not match the shards (or the encoder) before any heavy work.
+        shards = resolve_shards(cfg.data.shards, "image")
+        if not shards:
+            raise ConfigError(f"no image shards in {cfg.data.shards}", "data.shards")
+        self.cache = EmbeddingCache(cfg.data.cache)
+        self.cache.check_matches(
+            shards,
+            fingerprint=ckpt.encoder_fingerprint(cfg.data.encoder),
+            check_keys=cfg.data.check_keys,
+        )
+        self.text_col = self.cache.variant_index(cfg.data.text_variant)
+        self.neg_col = (
+            self.cache.variant_index(cfg.loss.negation.variant)
+            if cfg.loss.negation.enabled
+            else None
+        )
+        self.key_to_shard = {k: s.name for s in shards for k in self.cache.keys(s.name)}
+
+        torch.manual_seed(cfg.run.seed)
+        self.model = CLIPModel(cfg.model, self.cache.dim, cfg.data.image_size)
+        need_graph = cfg.model.graph.enabled or (
+            cfg.loss.soft_labels.enabled and cfg.loss.soft_labels.weight_graph > 0
+        )
+        self.graphs = GraphFeaturizer(cfg.model.graph) if need_graph else None
+        groups = param_groups(self.model, cfg.optim)
+        opt = torch.optim.AdamW(
+            groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps
+        )
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.optim))
+        self.ds_config = build_ds_config(cfg, self.env.world_size)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=self.model, optimizer=opt, lr_scheduler=sched, config=self.ds_config
+        )
+        self.device = self.engine.device
+        self.stream = ShardStream(cfg)
+        self.step = 0
+        if self.env.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            ckpt.write_run_files(self.out, to_dict(cfg), self.ds_config)
+        if cfg.run.resume:
+            resumed = ckpt.load_latest(self.out, self.engine, self.scheduler, self.env)
+            if resumed is not None:
+                self.step = int(resumed["step"])
+                positions = resumed.get("data", [])
+                if len(positions) == self.env.world_size:
+                    self.stream.restore(positions[self.env.rank])
+                if self.env.is_main:
+                    print(f"stage2: resumed from step {self.step}", flush=True)
+
+    # --------------------------------------------------------------------------------------------
+
+    def _inputs(self, samples: list[dict[str, Any]], gen: torch.Generator) -> tuple[dict, dict]:
+        keys = [s["key"] for s in samples]
+        metas = [s["meta"] for s in samples]
+        rows = torch.from_numpy(
+            cache_rows(self.cache, [sample_shard(s, self.key_to_shard) for s in samples], keys)
+        )
+        images = torch.stack([torch.as_tensor(s["image"]) for s in samples])
+        pixels = self.model.preprocess(images.to(self.device))
+        if self.cfg.data.augment:
+            pixels = augment(pixels, gen)
+        text_raw = rows[:, self.text_col].to(self.device)
+        inputs: dict[str, Any] = {"pixels": pixels, "text_emb": text_raw}
+        aux: dict[str, torch.Tensor] = {
+            "text_raw": text_raw,
+            "labels": label_matrix(metas, self.classes).to(self.device),
+        }
+        if self.neg_col is not None:
+            neg = rows[:, self.neg_col].to(self.device)
+            inputs["negated_emb"] = neg
+            cos = torch.nn.functional.cosine_similarity(neg.float(), text_raw.float(), dim=-1)
+            aux["negated_valid"] = cos < self.cfg.loss.negation.identical_cos
+        if self.graphs is not None:
+            texts = [report_text(m) for m in metas]
+            if self.cfg.model.graph.enabled:
+                inputs["graph"] = {
+                    k: v.to(self.device) for k, v in self.graphs.tensors(keys, texts).items()
+                }
+            aux["graph_nodes"] = self.graphs.node_sets(keys, texts).to(self.device)
+        return inputs, aux
+
+    def _micro_step(self, gen: torch.Generator) -> dict[str, float]:
+        inputs, aux = self._inputs(self.stream.next(), gen)
+        feats = self.engine(
+            inputs["pixels"],
+            inputs["text_emb"],
+            graph=inputs.get("graph"),
+            negated_emb=inputs.get("negated_emb"),
+        )
+        alpha = self.cfg.loss.soft_labels.alpha(self.step, self.cfg.optim.max_steps)
+        loss, logs = total_loss(self.cfg.loss, feats, aux, alpha)
+        if not torch.isfinite(loss):
+            logs["nonfinite"] = 1.0
+            loss = loss.nan_to_num(0.0, 0.0, 0.0) * 0.0  # keep the collective schedule; no update
+        self.engine.backward(loss)
+        self.engine.step()
+        logs["loss"] = float(loss.detach())
+        logs["scale"] = float(feats["scale"].detach())
+        return logs
+
+    def train(self) -> None:
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        bar = tqdm(
+            total=cfg.optim.max_steps,
+            initial=self.step,
+            desc="stage2",
+            disable=not self.env.is_main,
+            dynamic_ncols=True,
+        )
+        nonfinite, t0, samples = 0, _now(), 0
+        window: dict[str, float] = {}
+        while self.step < cfg.optim.max_steps:
+            gen = torch.Generator().manual_seed(
+                cfg.run.seed * 1_000_003 + self.step * 1009 + self.env.rank
+            )
+            torch.manual_seed(cfg.run.seed * 1_000_003 + self.step * 1009 + self.env.rank)
+            logs: dict[str, float] = {}
+            for _ in range(cfg.deepspeed.grad_accum):
+                for k, v in self._micro_step(gen).items():
+                    logs[k] = logs.get(k, 0.0) + v / cfg.deepspeed.grad_accum
+            logs = self._reduce(logs)
+            nonfinite = nonfinite + 1 if logs.get("nonfinite", 0) > 0 else 0
+            if nonfinite >= cfg.run.max_nonfinite_steps:
+                raise RuntimeError(
+                    f"stage2: {nonfinite} consecutive steps with a non-finite loss at step {self.step}"
+                )
+            self.step += 1
+            samples += (
+                cfg.deepspeed.micro_batch_size * cfg.deepspeed.grad_accum * self.env.world_size
+            )
+            for k, v in logs.items():
+                window[k] = window.get(k, 0.0) + v
+            bar.update(1)
+            bar.set_postfix(loss=f"{logs['loss']:.3f}", T=f"{1 / logs['scale']:.3f}")
+            if self.step % cfg.run.log_every == 0 or self.step == cfg.optim.max_steps:
+                n = (
+                    cfg.run.log_every
+                    if self.step % cfg.run.log_every == 0
+                    else (self.step % cfg.run.log_every)
+                )
+                record = {k: v / n for k, v in window.items()}
+                record.update(
+                    step=self.step,
+                    lr=self.scheduler.get_last_lr()[0],
+                    samples_per_s=samples / (_now() - t0),
+                    epoch=self.stream.epoch,
+                )
+                self._log(record)
+                window, t0, samples = {}, _now(), 0
+            if (
+                cfg.run.save_every
+                and self.step % cfg.run.save_every == 0
+                and self.step < cfg.optim.max_steps
+            ):
+                self.save()
+        bar.close()
+        self.save()
+        ckpt.export_final(self.out, self.engine, self.model, self._final_meta(), self.env)
+
+    def _reduce(self, logs: dict[str, float]) -> dict[str, float]:
+        """Mean over ranks of every logged number (local-loss values differ per rank)."""
+        if self.env.world_size == 1:
+            return logs
+        names = sorted(logs)
+        t = torch.tensor([logs[k] for k in names], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return {k: float(v) / self.env.world_size for k, v in zip(names, t.tolist(), strict=True)}
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if not self.env.is_main:
+            return
+        with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        monitor = getattr(self.engine, "monitor", None)
+        if monitor is not None and getattr(monitor, "enabled", False):
+            events = [
+                (f"train/{k}", float(v), record["step"]) for k, v in record.items() if k != "step"
+            ]
+            monitor.write_events(events)
+
+    def _final_meta(self) -> dict[str, Any]:
+        return {
+            "format": "llmclip-clip/1",
+            "model": to_dict(self.cfg.model),
+            "image_size": self.cfg.data.image_size,
+            "text_dim": self.cache.dim,
+            "text_variant": self.cfg.data.text_variant,
+            "cache": str(Path(self.cfg.data.cache).resolve()),
+            "cache_fingerprint": self.cache.fingerprint,
+            "encoder": str(Path(self.cfg.data.encoder).resolve())
+            if self.cfg.data.encoder
+            else None,
+            "instruction": self.cache.identity.instruction,
+            "steps": self.step,
+        }
+
+    def save(self) -> None:
+        pos = torch.tensor(
+            [self.stream.epoch, self.stream.consumed], dtype=torch.long, device=self.device
+        )
+        if self.env.world_size > 1:
+            parts = [torch.zeros_like(pos) for _ in range(self.env.world_size)]
+            dist.all_gather(parts, pos)
+        else:
+            parts = [pos]
+        positions = [{"epoch": int(p[0]), "consumed": int(p[1])} for p in parts]
+        ckpt.save(
+            self.out,
+            self.step,
+            self.engine,
+            self.scheduler,
+            {"data": positions},
+            self.env,
+            keep=self.cfg.run.keep_checkpoints,
+        )
+
+    def close(self) -> None:
+        monitor = getattr(self.engine, "monitor", None) if hasattr(self, "engine") else None
+        for writer in (getattr(monitor, "tb_monitor", None),):
+            if writer is not None and hasattr(writer, "summary_writer"):
+                writer.summary_writer.flush()

@@ -1,0 +1,118 @@
+"""The dual tower built from configs (tiny timm ViT, random weights), its optimizer groups and schedule."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from llmclip.clip.model import CLIPModel, GraphConfig, ModelConfig, TextAdapterConfig, VisionConfig
+from llmclip.clip.stage2 import Stage2OptimConfig, augment, lr_factor, param_groups
+from llmclip.config import ConfigError
+
+TINY_VIT = VisionConfig(
+    name="vit_tiny_patch16_224",
+    kwargs={"patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2},
+)
+
+
+def _graph(b: int, n: int = 6) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    adj = (torch.rand(b, 4, n, n, generator=g) > 0.7).float()
+    mask = torch.ones(b, n, dtype=torch.bool)
+    mask[:, -2:] = False
+    return {
+        "labels": torch.randint(0, 64, (b, n), generator=g),
+        "status": torch.randint(0, 4, (b, n), generator=g),
+        "types": torch.randint(0, 5, (b, n), generator=g),
+        "mask": mask,
+        "adj": adj,
+    }
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_forward_shapes_normalised_and_graph_stream(kind: str):
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        vision=TINY_VIT,
+        text=TextAdapterConfig(kind=kind, blocks=2),
+        graph=GraphConfig(enabled=True, dim=16, vocab_size=64, max_nodes=6),
+        embed_dim=24,
+    )
+    model = CLIPModel(cfg, text_dim=40, image_size=32)
+    images = torch.randint(0, 256, (3, 1, 48, 48), dtype=torch.uint8)  # grayscale, other size
+    pixels = model.preprocess(images)
+    assert pixels.shape == (3, 3, 32, 32)
+    out = model(pixels, torch.randn(3, 40), graph=_graph(3), negated_emb=torch.randn(3, 40))
+    for name in ("image", "text", "negated", "graph"):
+        assert out[name].shape == (3, 24)
+        assert torch.allclose(out[name].norm(dim=-1), torch.ones(3), atol=1e-5)
+    assert out["scale"].item() == pytest.approx(1 / 0.07, rel=1e-5)
+    # Padded graph nodes do not change the graph embedding.
+    g = _graph(3)
+    g2 = {k: v.clone() for k, v in g.items()}
+    g2["labels"][:, -2:] = 7
+    assert torch.allclose(model.encode_graph(g), model.encode_graph(g2), atol=1e-6)
+    # Gradients reach every trainable part.
+    loss = sum(v.sum() for k, v in out.items() if k != "scale") + out["scale"]
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_logit_scale_is_clamped():
+    model = CLIPModel(ModelConfig(vision=TINY_VIT, max_logit_scale=50.0), text_dim=8, image_size=32)
+    with torch.no_grad():
+        model.logit_scale.fill_(10.0)
+    assert model.scale().item() == pytest.approx(50.0)
+
+
+def test_convnet_tower_and_unknown_model():
+    cfg = ModelConfig(vision=VisionConfig(name="resnet10t"), embed_dim=16)
+    model = CLIPModel(cfg, text_dim=8, image_size=40)
+    assert model.encode_image(torch.randn(2, 3, 40, 40)).shape == (2, 16)
+    with pytest.raises(ConfigError, match="model.vision.name"):
+        CLIPModel(
+            ModelConfig(vision=VisionConfig(name="no_such_model_xyz")), text_dim=8, image_size=32
+        )
+
+
+def test_layer_decay_groups_and_no_decay_on_scale_and_norms():
+    model = CLIPModel(ModelConfig(vision=TINY_VIT), text_dim=8, image_size=32)
+    optim = Stage2OptimConfig(lr=1e-3, weight_decay=0.1, layer_decay=0.5)
+    groups = param_groups(model, optim)
+    scales = sorted({g["lr_scale"] for g in groups})
+    # Consecutive powers of 0.5 from the patch embedding (smallest) up to the heads (1.0).
+    assert len(scales) >= 3 and scales[-1] == 1.0
+    assert scales == pytest.approx([0.5 ** (len(scales) - 1 - i) for i in range(len(scales))])
+    blk = model.visual.blocks
+    first, last = (by_param_scale(groups, b.attn.qkv.weight) for b in (blk[0], blk[-1]))
+    assert first == pytest.approx(0.5 * last)
+    for g in groups:
+        assert g["lr"] == pytest.approx(1e-3 * g["lr_scale"])
+    by_param = {id(p): g for g in groups for p in g["params"]}
+    assert by_param[id(model.logit_scale)]["weight_decay"] == 0.0
+    assert by_param[id(model.visual.pos_embed)]["lr_scale"] == pytest.approx(scales[0])
+    assert by_param[id(model.image_proj.weight)]["weight_decay"] == 0.1
+    n_params = sum(1 for p in model.parameters() if p.requires_grad)
+    assert sum(len(g["params"]) for g in groups) == n_params
+
+
+def by_param_scale(groups: list[dict], param: torch.Tensor) -> float:
+    return next(g["lr_scale"] for g in groups if any(p is param for p in g["params"]))
+
+
+def test_warmup_cosine_schedule():
+    optim = Stage2OptimConfig(warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
+    assert lr_factor(0, optim) == pytest.approx(0.1)
+    assert lr_factor(9, optim) == pytest.approx(1.0)
+    assert lr_factor(60, optim) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_factor(110, optim) == pytest.approx(0.1)
+
+
+def test_augment_is_seeded_and_keeps_shape():
+    x = torch.randn(4, 3, 32, 32)
+    a = augment(x, torch.Generator().manual_seed(1))
+    b = augment(x, torch.Generator().manual_seed(1))
+    c = augment(x, torch.Generator().manual_seed(2))
+    assert a.shape == x.shape and torch.equal(a, b) and not torch.equal(a, c)
