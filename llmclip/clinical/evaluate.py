@@ -101,7 +101,7 @@ def evaluate_openi(
         vector = labeler.label(r.text).vector
         for c in CHEXPERT_CLASSES:
             t = truth.get(c) == 1
-            p = vector.get(c) in (1, -1)
+            p = vector.get(c) == 1
             support[c] += t
             predicted[c] += p
             tp[c] += t and p

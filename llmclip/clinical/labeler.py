@@ -12,7 +12,7 @@ How a report is read (three regex passes over the whole text, then cheap per-men
 
 A mention's status comes from the nearest cue before it in the same clause (no terminator in
 between), overridden by a cue right after it ("... cannot be excluded", "... has resolved").
-Predicate forms carry their own status (normal -> negative, borderline -> uncertain).
+Predicate forms carry their own status (normal -> negative; enlarged or borderline -> positive).
 
 Aggregation (CheXpert): per observation, positive if any mention is positive, else uncertain if
 any is uncertain, else negative. No Finding is 1 when the report has at least one mention and no
@@ -128,8 +128,10 @@ _CUE_ORDER = [
     ("pseudo", lx.PSEUDO_CUES),
     ("unc_post", lx.UNCERTAIN_POST_CUES),
     ("unc_both", lx.UNCERTAIN_BOTH_CUES),
+    ("unc_sugg", lx.SUGGEST_CUES),
     ("unc_pre", lx.UNCERTAIN_PRE_CUES),
     ("neg_post", lx.NEGATION_POST_CUES),
+    ("neg_both", lx.NEGATION_BOTH_CUES),
     ("neg_pre", lx.NEGATION_PRE_CUES),
     ("term", lx.TERMINATORS),
 ]
@@ -148,14 +150,16 @@ _NORMAL_WORD_RE = re.compile(r"\b(?:normal|unremarkable|within)", re.IGNORECASE)
 _ABNORMAL_RE = re.compile(r"\babnormal\b", re.IGNORECASE)
 
 # Statuses of a mention's own predicate word.
-_PRE_KINDS = ("neg_pre", "unc_pre", "unc_both")
-_POST_KINDS = ("neg_post", "unc_post", "unc_both")
+_PRE_KINDS = ("neg_pre", "neg_both", "unc_pre", "unc_both", "unc_sugg")
+_POST_KINDS = ("neg_post", "neg_both", "unc_post", "unc_both")
 _CUE_STATUS = {
     "neg_pre": "negative",
     "neg_post": "negative",
+    "neg_both": "negative",
     "unc_pre": "uncertain",
     "unc_post": "uncertain",
     "unc_both": "uncertain",
+    "unc_sugg": "uncertain",
 }
 _POST_WINDOW = 80  # chars after a mention in which a post cue ("... has resolved") may stand
 _ATTR_BEFORE = 60  # chars before a mention searched for laterality / severity
@@ -174,9 +178,11 @@ def _sentences(text: str) -> list[tuple[int, int]]:
     return spans
 
 
-def _predicate_status(word: str, obs: tuple[str, ...]) -> str:
+def _predicate_status(word: str) -> str:
+    # "borderline heart size" / "upper limits of normal" is reported as present and mild, as the
+    # Open-I annotators index it (Cardiomegaly/borderline).
     if _BORDERLINE_RE.search(word):
-        return "uncertain"
+        return "positive"
     if _NORMAL_WORD_RE.search(word) and not _ABNORMAL_RE.search(word):
         return "negative"
     return "positive"
@@ -208,10 +214,13 @@ class Labeler:
             word_span = m.span(name + "w") if form != "term" else None
             status, cue = self._status(cues, cue_starts, start, end, s_start, s_end)
             if form != "term":
-                own = _predicate_status(m.group(name + "w"), obs)
+                word = m.group(name + "w")
+                own = _predicate_status(word)
                 if own == "negative" or own == "uncertain" or status == "positive":
                     status, cue = own, None
             laterality, severity, measure = self._attributes(text, start, end, s_start, s_end)
+            if form != "term" and severity is None and _BORDERLINE_RE.search(word):
+                severity = "mild"
             sentence = text[s_start:s_end].strip()
             for o in obs:
                 st = _INVERT[status] if o == "No Finding" else status
@@ -251,12 +260,29 @@ class Labeler:
             if c[0] < s_start:
                 break
             kind = c[2]
+            if kind == "unc_sugg":
+                # "no focal opacity to suggest pneumonia": a negation earlier in the clause wins
+                neg = Labeler._negation_before(cues, i, s_start)
+                return ("negative", neg) if neg else ("uncertain", c)
             if kind in _PRE_KINDS:
                 return _CUE_STATUS[kind], c
             if c[1] <= start:
                 break
             i -= 1
         return "positive", None
+
+    @staticmethod
+    def _negation_before(cues, i, s_start):
+        """The negation cue governing cue ``i`` (same clause), or None."""
+        k = i - 1
+        while k >= 0 and cues[k][0] >= s_start:
+            kind = cues[k][2]
+            if kind == "neg_pre":
+                return cues[k]
+            if kind in ("term", "pseudo", "unc_pre", "unc_both"):
+                return None
+            k -= 1
+        return None
 
     @staticmethod
     def _attributes(text, start, end, s_start, s_end):

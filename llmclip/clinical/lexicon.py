@@ -43,8 +43,6 @@ TERMS: list[tuple[tuple[str, ...], str, str]] = [
     ((ECM,), "widened mediastinum",
      r"(?:widened|widening of the|enlarged|enlargement of the) (?:superior )?"
      r"(?:mediastinum|mediastinal (?:silhouette|contours?|shadow|width))"),
-    ((ECM,), "enlarged cardiomediastinal silhouette",
-     r"(?:enlarged|widened|prominent) cardiomediastinal (?:silhouette|contours?|shadow)"),
     ((ECM,), "mediastinal widening", r"mediastinal (?:widening|enlargement|prominence)"),
     # --- Cardiomegaly
     ((CM,), "cardiomegaly", r"cardiomegal(?:y|ly|ic)|cardiac megaly"),
@@ -53,8 +51,10 @@ TERMS: list[tuple[tuple[str, ...], str, str]] = [
      r"(?: size)?|(?:cardiac|heart) enlargement|enlargement of the (?:heart|cardiac "
      r"(?:silhouette|shadow))"),
     # --- Lung Lesion
-    ((LL,), "nodule",
-     r"nodules?|nodular (?:densit(?:y|ies)|opacit(?:y|ies)|opacification|lesions?)|nodularit(?:y|ies)"),
+    ((LL, LO), "nodular opacity",
+     r"(?:nodular|rounded|round|masslike|mass-like) (?:densit(?:y|ies)|opacit(?:y|ies)|"
+     r"opacification)|nodular (?:infiltrates?|consolidation)"),
+    ((LL,), "nodule", r"(?:micro)?nodules?|nodular lesions?|nodularit(?:y|ies)"),
     ((LL,), "mass", r"mass(?:es)?(?! effect)|mass lesions?|masslike|mass-like"),
     ((LL,), "tumor",
      r"tumou?rs?|neoplasms?|neoplastic|carcinomas?|malignanc(?:y|ies)|metastas[ie]s|metastatic "
@@ -75,13 +75,18 @@ TERMS: list[tuple[tuple[str, ...], str, str]] = [
     # --- Edema
     ((ED,), "pulmonary edema",
      r"(?:pulmonary |interstitial |alveolar |airspace |perihilar )?oedema|(?<!soft tissue )"
-     r"(?<!subcutaneous )edema(?:tous)?|(?:vascular|venous|pulmonary|vasculature|perihilar) "
-     r"(?:congestion|engorgement)|congestion|(?:congestive )?heart failure|chf|fluid overload|"
-     r"cephalization|kerley b? ?lines|vascular (?:indistinctness|plethora)"),
+     r"(?<!subcutaneous )edema(?:tous)?|(?:(?:vascular|venous|pulmonary|vasculature|perihilar) )?"
+     r"(?:congestion|engorgement)|(?:congestive )?(?:heart|cardiac) failure|chf|fluid overload|"
+     r"cephalization|kerley b? ?lines|(?:vascular|vasculature|vascularity) (?:indistinctness|"
+     r"plethora|prominence|redistribution|congestive changes?)|congestive changes?|"
+     r"(?:pulmonary )?venous hypertension|(?:early|cardiac|heart|left heart|overt) failure|"
+     r"(?:prominen(?:t|ce of the)|engorged|increased|indistinct|distended) (?:central )?"
+     r"(?:pulmonary |lung )?(?:vasculature|vascularity|vessels|vascular markings)"),
     # --- Consolidation / pneumonia
     ((CO,), "consolidation", r"consolidat(?:ion|ions|ive|ed|ing)"),
     ((PNA,), "pneumonia",
-     r"pneumonias?|pneumonitis|bronchopneumonia|pna|infections?|infectious (?:process|etiology|"
+     r"pneumonias?|pneumonitis|bronchopneumonia|pna|(?<!granulomatous )(?<!prior )(?<!old )"
+     r"infections?|infectious (?:process|etiology|"
      r"disease|infiltrate)|aspiration"),
     # --- Atelectasis
     ((AT,), "atelectasis",
@@ -141,12 +146,20 @@ TERMS: list[tuple[tuple[str, ...], str, str]] = [
 # "chest" subject (No Finding), "normal" means No Finding present and "abnormal" means absent.
 # negate() flips a predicate by replacing its word (normal <-> enlarged / abnormal).
 PREDICATE_SUBJECTS: list[tuple[tuple[str, ...], str, str]] = [
-    ((CM, ECM), "cardiac and mediastinal contours",
-     r"(?:the )?(?:cardiac and mediastinal|heart and mediastinal|mediastinal and cardiac) "
-     r"(?:silhouettes?|contours?|shadows?|size)|(?:the )?heart and mediastinum"),
-    ((ECM,), "cardiomediastinal silhouette",
-     r"(?:the )?(?:cardiomediastinal|cardio-mediastinal|cardiomedistinal|mediastinal) "
-     r"(?:silhouettes?|contours?|shadows?|size|width|structures)|(?:the )?(?:superior )?mediastinum"),
+    ((CM, ECM), "cardiomediastinal silhouette",
+     r"(?:the )?(?:cardiac and mediastinal|heart and mediastinal|mediastinal and cardiac|"
+     r"cardiomediastinal|cardio-mediastinal|cardiomedistinal) (?:silhouettes?|contours?|shadows?|"
+     r"size|structures)|(?:the )?heart and mediastinum"),
+    ((ECM,), "mediastinum",
+     r"(?:the )?mediastinal (?:silhouettes?|contours?|shadows?|size|width|structures)|"
+     r"(?:the )?(?:superior )?mediastinum"),
+    ((CM, ED), "heart size and pulmonary vascularity",
+     r"(?:the )?(?:heart|heart size|cardiac silhouette|cardiac size) and (?:the )?(?:pulmonary )?"
+     r"(?:vascularity|vasculature|vascular engorgement|vessels|vascular markings)"),
+    ((ED,), "pulmonary vascularity",
+     r"(?:the )?(?:central |upper lobe |perihilar )?(?:pulmonary |lung )?(?:vascularity|"
+     r"vasculature|vascular markings|venous markings)|(?:the )?(?:central )?pulmonary "
+     r"(?:vessels|arteries|xxxx|veins)"),
     ((CM,), "heart size",
      r"(?:the )?(?:heart|cardiac|cardiac silhouette|cardiac shadow|heart shadow|cardiac contours?|"
      r"heart silhouette|cardiac size|heart size|size of the heart)(?: size)?"),
@@ -157,36 +170,40 @@ PREDICATE_SUBJECTS: list[tuple[tuple[str, ...], str, str]] = [
 PREDICATE_GAP = (
     r"(?:\s+and (?:the )?(?:pulmonary |hilar )?(?:vasculature|vascularity|hila|hilar contours?|"
     r"pulmonary vessels|lungs))?(?:\s+(?:is|are|appears?|appear|remains?|remain|seems?|looks?|"
-    r"again|otherwise|now|still|also|overall|grossly|stable and|both|to be))*"
+    r"again|otherwise|now|still|also|overall|grossly|stable and|both|to be|be|at|xxxx))*"
 )
 PREDICATE_ADVERBS = (
     r"(?:(?:mildly|slightly|moderately|markedly|severely|minimally|massively|significantly|"
     r"somewhat|at least|very|stably|persistently|again|not|probably|possibly|likely)\s+)*"
 )
 PREDICATE_BORDERLINE = (
-    r"borderline(?: (?:enlarged|in size|size|prominent|normal|cardiomegaly))?|(?:at )?(?:the )?"
-    r"(?:upper|top) (?:limits? of )?normal(?: (?:in )?size| limits)?|top[- ]normal(?: in size| "
-    r"size)?|upper[- ]normal(?: in size| size)?|normal to (?:mildly |slightly )?(?:enlarged|"
-    r"prominent)"
+    r"borderline(?: (?:enlarged|in size|size|prominent|normal|cardiomegaly))?|normal to (?:mildly |"
+    r"slightly )?(?:enlarged|prominent)|(?:upper limits? (?:of )?normal|top normal) (?:or|to) "
+    r"(?:mildly |slightly )?enlarged"
 )
+# "Upper limits of normal" is normal (the annotators do not index it); "borderline" is not.
 PREDICATE_NORMAL = (
-    r"normal(?:[- ]sized?)?(?: (?:in|for) (?:size|contour|appearance|caliber)(?: and "
-    r"(?:size|contour|appearance|configuration))?)?|within normal (?:limits|size)(?: (?:in|for) "
-    r"(?:size|contour|appearance)(?: and (?:size|contour|appearance))?)?|within the normal range|"
-    r"unremarkable|(?:of )?normal size"
+    r"(?:(?:at )?(?:the )?(?:upper|top|high|upper-|top-|high-) ?(?:limits? (?:of )?|end of |range of "
+    r")?)?normal(?:[- ]sized?)?(?: (?:in|for) (?:size|contour|appearance|caliber)(?: and "
+    r"(?:size|contour|appearance|configuration))?| size| limits)?|within normal (?:limits|size)(?: "
+    r"(?:in|for) (?:size|contour|appearance)(?: and (?:size|contour|appearance))?)?|within the "
+    r"normal range|within (?:the )?limits of normal|unremarkable|(?:of )?normal size"
 )
-PREDICATE_POSITIVE = r"enlarged|widened|prominent|increased|large|enlarging|globular|abnormal"
+PREDICATE_POSITIVE = (
+    r"enlarged|widened|prominent|increased|large|enlarging|globular|abnormal|engorged|congested|"
+    r"indistinct|distended|cephalized|redistributed"
+)
 # Prefixed forms use the same words before the subject.
 PREFIX_WORDS = (
     r"normal(?:[- ]sized?)?|unremarkable|enlarged|widened|prominent|large|globular|abnormal|"
     r"borderline(?: enlarged)?|top[- ]normal|upper[- ]normal"
 )
 PREFIX_SUBJECTS: list[tuple[tuple[str, ...], str, str]] = [
-    ((CM, ECM), "cardiac and mediastinal contours",
-     r"(?:cardiac and mediastinal|heart and mediastinal) (?:silhouettes?|contours?|shadows?|size)"),
-    ((ECM,), "cardiomediastinal silhouette",
-     r"(?:cardiomediastinal|cardio-mediastinal|mediastinal) (?:silhouettes?|contours?|shadows?|"
-     r"size|width)|(?:superior )?mediastinum"),
+    ((CM, ECM), "cardiomediastinal silhouette",
+     r"(?:cardiac and mediastinal|heart and mediastinal|cardiomediastinal|cardio-mediastinal) "
+     r"(?:silhouettes?|contours?|shadows?|size)"),
+    ((ECM,), "mediastinum",
+     r"mediastinal (?:silhouettes?|contours?|shadows?|size|width)|(?:superior )?mediastinum"),
     ((CM,), "heart size",
      r"(?:heart|cardiac) (?:size|silhouette|shadow|contours?)|heart(?! and)"),
     ((NF,), "chest",
@@ -212,7 +229,7 @@ UNCERTAIN_POST_CUES = [
     r"(?:excluded|ruled out|exclude|rule out|excluded radiographically)",
     r"(?:is|are) not (?:entirely |completely )?(?:excluded|ruled out)",
     r"not (?:entirely |completely )?(?:excluded|ruled out)",
-    r"(?:is|are) (?:possible|likely|suspected|questioned|suggested|considered|favored|not "
+    r"(?:is|are) (?:also )?(?:possible|likely|suspected|questioned|suggested|considered|favored|not "
     r"certain|uncertain)",
     r"(?:may|might|could) (?:be|represent|reflect) (?:present|seen|developing)",
     r"\?",
@@ -225,18 +242,26 @@ UNCERTAIN_PRE_CUES = [
     r"consistent with|suggest|relate to|attributed to|caused by|contain)",
     r"(?:may|might|could)",
     r"(?:possible|possibly|probable|probably|likely|presumably|presumed|presumptive|suspected|"
-    r"suspect|suspicious for|suspicion (?:of|for)|concerning for|concern for|worrisome for|"
+    r"suspect|suspicion (?:of|for)|concern for|"
     r"questionable|question of|questioned|equivocal|indeterminate|cannot exclude|differential "
-    r"(?:diagnosis )?(?:includes?|of|would include)|consider(?:ed|ing)?|suggest(?:s|ive of|ing|ed)?"
-    r"|rule out|r/o|to exclude|evaluate for|evaluation for|assess for|versus|vs\.?|borderline|"
+    r"(?:diagnosis )?(?:includes?|of|would include)|consider(?:ed|ing)?"
+    r"|rule out|r/o|to exclude|evaluate for|evaluation for|assess for|"
     r"either|uncertain|unclear|favor(?:ed|s)?|maybe)",
+]
+# Negations that look both ways ("resolved edema", "edema, resolved").
+NEGATION_BOTH_CUES = [r"resolved|cleared|disappeared"]
+# "suggest"-like cues: uncertain on their own, but inside a negation ("no opacity to suggest
+# pneumonia") the negation wins.
+SUGGEST_CUES = [
+    r"to suggest|suggest(?:s|ive of|ing|ed)?|to indicate|indicating|indicative of|(?:concerning|"
+    r"worrisome|suspicious) for|typical (?:of|for)|characteristic of|diagnostic of",
 ]
 NEGATION_POST_CUES = [
     r"(?:(?:is|are|was|were|has been|have been)\s+)?(?:not|no longer|never) (?:(?:well |clearly |"
     r"definitely |convincingly |currently |again |radiographically |otherwise |now )?)(?:seen|"
     r"visualized|visible|identified|present|evident|demonstrated|appreciated|noted|detected|"
     r"apparent|shown|observed|recognized|delineated|confirmed)",
-    r"(?:(?:has|have) )?(?:resolved|cleared|disappeared)",
+    r"(?:has|have) (?:since |now |completely |nearly )?(?:resolved|cleared|disappeared)",
     r"(?:(?:has|have) been |was |were )?removed",
     r"(?:is|are|was|were) (?:absent|gone|excluded)",
     r"no longer",
@@ -295,6 +320,7 @@ LATERALITY = {
 }
 SEVERITY = {
     "trace": "trace",
+    "borderline": "mild",
     "tiny": "small",
     "small": "small",
     "smaller": "small",

@@ -11,7 +11,8 @@ CheXpert class                 MeSH major heads (case-insensitive) mapped to it
 =============================  ==================================================================
 Enlarged Cardiomediastinum     Mediastinum/{enlarged, widened, prominent}
 Cardiomegaly                   Cardiomegaly; Cardiac Shadow/{enlarged, borderline}
-Lung Lesion                    Nodule; Mass; Neoplasm(s); Lung Neoplasms
+Lung Lesion                    Nodule; Mass; Neoplasm(s); Lung Neoplasms; Opacity/round and
+                               Density/round (annotators index "nodular opacity" that way)
 Lung Opacity                   Opacity, Airspace Disease, Density, Infiltrate (all in the lung or
                                unqualified); Cicatrix (scarring) and Markings/interstitial|reticular
                                because CheXpert's own opacity phrases include "scar" and
@@ -159,6 +160,9 @@ def read_openi(path: str | Path) -> list[OpenIReport]:
 def _map_term(term: str) -> tuple[str, ...]:
     parts = [p.strip().lower() for p in term.split("/")]
     head, quals = parts[0], set(parts[1:])
+    if head in ("opacity", "density") and "round" in quals:
+        # a round opacity is a nodule or mass by definition
+        return ("Lung Opacity", "Lung Lesion")
     if head in _HEAD_MAP:
         return _HEAD_MAP[head]
     if head == "mediastinum" and quals & {"enlarged", "widened", "prominent"}:
