@@ -20,6 +20,7 @@ COMMANDS: dict[str, str] = {
     "cache": "llmclip.cache_cli",
     "shards": "llmclip.data.commands",
     "demo": "llmclip.demo",
+    "plan": "llmclip.plan",
 }
 
 

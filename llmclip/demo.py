@@ -121,9 +121,10 @@ def run_steps(steps: list[Step], log_dir: Path) -> dict[str, float]:
                 fh.write("$ " + " ".join(cmd) + "\n")
             # Output goes to the terminal (progress bars) and, via tee-like copy, to the step log.
             proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-            assert proc.stdout is not None
+            stream = proc.stdout
+            assert stream is not None
             with open(log, "ab") as fh:
-                for chunk in iter(lambda: proc.stdout.read1(4096), b""):
+                while chunk := stream.read1(4096):
                     sys.stdout.buffer.write(chunk)
                     sys.stdout.flush()
                     fh.write(chunk)
