@@ -67,7 +67,9 @@ TERMS: list[tuple[tuple[str, ...], str, str]] = [
      r"pleural (?:thickening|scarring|scar|plaques?|calcifications?|reaction|fibrosis)|"
      r"pleural[- ]parenchymal (?:scarring|scar|thickening|changes?)|pleuroparenchymal "
      r"(?:scarring|scar|thickening|changes?)|fibrothorax|(?:apical )?pleural cap(?:ping|s)?|"
-     r"apical cap(?:ping|s)?|thickening of the pleura|calcified pleura"),
+     r"apical cap(?:ping|s)?|thickening of the pleura|calcified pleura|(?:fissural|fissure) "
+     r"thickening|thicken(?:ed|ing) (?:of |in )?(?:the )?(?:\w+ )?fissures?|pleural "
+     r"(?:abnormalit(?:y|ies)|disease)|(?:calcified )?pleural plaques?"),
     ((EFF,), "pleural effusion",
      r"(?:pleural )?eff?usions?|pleural fluid|hydrothorax|fluid in the (?:(?:right|left|minor|major"
      r"|horizontal) )?(?:fissure|pleural space)|subpulmonic (?:effusion|fluid)|"
@@ -86,7 +88,7 @@ TERMS: list[tuple[tuple[str, ...], str, str]] = [
     ((CO,), "consolidation", r"consolidat(?:ion|ions|ive|ed|ing)"),
     ((PNA,), "pneumonia",
      r"pneumonias?|pneumonitis|bronchopneumonia|pna|(?<!granulomatous )(?<!prior )(?<!old )"
-     r"infections?|infectious (?:process|etiology|"
+     r"(?<!tuberculous )(?<!tuberculosis )(?<!previous )(?<!remote )(?<!fungal )infections?|infectious (?:process|etiology|"
      r"disease|infiltrate)|aspiration"),
     # --- Atelectasis
     ((AT,), "atelectasis",
@@ -232,6 +234,9 @@ UNCERTAIN_POST_CUES = [
     r"(?:is|are) (?:also )?(?:possible|likely|suspected|questioned|suggested|considered|favored|not "
     r"certain|uncertain)",
     r"(?:may|might|could) (?:be|represent|reflect) (?:present|seen|developing)",
+    r"(?:is|are|would be) (?:also )?(?:another |a |an additional )?(?:consideration|in the "
+    r"differential(?: diagnosis)?|not excluded|difficult to exclude)",
+    r"(?:would be|is|are) (?:a )?(?:possibility|possible)",
     r"\?",
 ]
 UNCERTAIN_PRE_CUES = [
@@ -244,7 +249,11 @@ UNCERTAIN_PRE_CUES = [
     r"(?:possible|possibly|probable|probably|likely|presumably|presumed|presumptive|suspected|"
     r"suspect|suspicion (?:of|for)|concern for|"
     r"questionable|question of|questioned|equivocal|indeterminate|cannot exclude|differential "
-    r"(?:diagnosis )?(?:includes?|of|would include)|consider(?:ed|ing)?"
+    r"(?:diagnosis |diagnoses |considerations? |possibilities )?(?:(?:is|are) (?:xxxx |broad )?"
+    r"(?:and )?)?(?:includes?|of|would include)|consider(?:ed|ing|ation)?|alternatively|"
+    r"correlat\w* (?:clinically )?(?:for|with)(?: (?:xxxx|signs|symptoms|history)(?: of)?)?|"
+    r"clinical correlation (?:for|with)|(?:signs|symptoms) of|in the (?:appropriate |right )?"
+    r"clinical (?:setting|context)|(?:cannot|can not|can't) differentiate|superimposed"
     r"|rule out|r/o|to exclude|evaluate for|evaluation for|assess for|"
     r"either|uncertain|unclear|favor(?:ed|s)?|maybe)",
 ]
@@ -297,7 +306,6 @@ TERMINATORS = [
     r"there (?:is|are|has been|have been|was|were)",
     r"(?:is|are) (?:again )?(?:seen|noted|present|identified|unchanged|stable|visualized)",
     r"and (?:there|the|a|an|mild|moderate|severe|small|large|stable|persistent|new|increased)",
-    r"(?:consistent|compatible) with",
     r"again",
     r"persistent",
     r"stable",

@@ -14,7 +14,7 @@ Cardiomegaly                   Cardiomegaly; Cardiac Shadow/{enlarged, borderlin
 Lung Lesion                    Nodule; Mass; Neoplasm(s); Lung Neoplasms; Opacity/round and
                                Density/round (annotators index "nodular opacity" that way)
 Lung Opacity                   Opacity, Airspace Disease, Density, Infiltrate (all in the lung or
-                               unqualified); Cicatrix (scarring) and Markings/interstitial|reticular
+                               unqualified); Cicatrix (lung scarring) and Markings/interstitial|reticular
                                because CheXpert's own opacity phrases include "scar" and
                                "interstitial markings"; NOT Markings/bronchovascular
 Edema                          Pulmonary Edema; Pulmonary Congestion; Heart Failure (CheXpert's
@@ -24,7 +24,8 @@ Pneumonia                      Pneumonia
 Atelectasis                    Pulmonary Atelectasis
 Pneumothorax                   Pneumothorax; Hydropneumothorax; Hemopneumothorax
 Pleural Effusion               Pleural Effusion; Hydropneumothorax; Hemothorax; Hemopneumothorax
-Pleural Other                  Thickening/pleura...; Pleura/... ; Fibrothorax
+Pleural Other                  Thickening/pleura, Cicatrix/pleura (pleural scarring),
+                               Calcinosis/pleura (pleural plaques); Pleura/...; Fibrothorax
 Fracture                       Fractures, Bone
 Support Devices                Catheters, Indwelling; Implanted Medical Device; Tube, Inserted;
                                Medical Device; Stents; Surgical Instruments (clips, sternotomy
@@ -163,6 +164,9 @@ def _map_term(term: str) -> tuple[str, ...]:
     if head in ("opacity", "density") and "round" in quals:
         # a round opacity is a nodule or mass by definition
         return ("Lung Opacity", "Lung Lesion")
+    if head in ("cicatrix", "calcinosis", "thickening") and "pleura" in quals or head == "pleura":
+        # pleural scarring / calcification / thickening
+        return ("Pleural Other",)
     if head in _HEAD_MAP:
         return _HEAD_MAP[head]
     if head == "mediastinum" and quals & {"enlarged", "widened", "prominent"}:
@@ -171,8 +175,6 @@ def _map_term(term: str) -> tuple[str, ...]:
         return ("Cardiomegaly",)
     if head == "markings" and quals & {"interstitial", "reticular"}:
         return ("Lung Opacity",)
-    if head == "thickening" and "pleura" in quals or head == "pleura":
-        return ("Pleural Other",)
     return ()
 
 
