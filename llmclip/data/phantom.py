@@ -179,8 +179,10 @@ def _line(layer: Image.Image, pts: list[tuple[float, float]], width: float, valu
 class _Chest:
     """Anatomy of one phantom on an S x S grid; findings modify it in place before compositing."""
 
-    def __init__(self, size: int, rng: np.random.Generator):
-        self.size, self.rng = size, rng
+    def __init__(self, size: int, rng: np.random.Generator, finding_rng: np.random.Generator):
+        # Two streams: anatomy/pose/noise and finding placement, so adding a finding to a spec
+        # changes only the finding's pixels (what the tests and a reader compare).
+        self.size, self.rng, self.frng = size, rng, finding_rng
         g = (np.arange(size, dtype=np.float32) + 0.5) / size
         self.X, self.Y = np.meshgrid(g, g)
         j = lambda a: float(rng.uniform(-a, a))  # noqa: E731
@@ -257,7 +259,7 @@ class _Chest:
 
 
 def _draw(ch: _Chest, f: Finding) -> None:
-    rng, X, Y = ch.rng, ch.X, ch.Y
+    rng, X, Y = ch.frng, ch.X, ch.Y
     sev = _sev(f)
     obs = f.observation
     if obs == "Cardiomegaly":
@@ -349,7 +351,7 @@ def _device(ch: _Chest, kind: str, f: Finding) -> None:
     elif kind == "clips":
         n, draw = ch.size, ImageDraw.Draw(ch.devices)
         for _ in range(3):
-            x, y = ch.rng.uniform(0.3, 0.7), ch.rng.uniform(0.25, 0.6)
+            x, y = ch.frng.uniform(0.3, 0.7), ch.frng.uniform(0.25, 0.6)
             draw.line(
                 [(x * n, y * n), ((x + 0.02) * n, (y + 0.01) * n)],
                 fill=250,
@@ -361,7 +363,7 @@ def _device(ch: _Chest, kind: str, f: Finding) -> None:
             [0.5 * n, 0.6 * n, 0.56 * n, 0.65 * n], outline=245, width=max(1, round(0.008 * n))
         )
     elif kind == "chest_tube":
-        s = _sides(f, ch.rng)[0]
+        s = _sides(f, ch.frng)[0]
         pts = [(0.5 + s * 0.45, 0.75), (ch.lung_cx[s] + s * 0.1, 0.6), (ch.lung_cx[s], 0.2)]
         _line(ch.devices, pts, w * 1.6, 0.9)
     else:  # central venous line from the right subclavian into the SVC
@@ -373,7 +375,7 @@ def render(spec: PhantomSpec, key: str, size: int = 256) -> np.ndarray:
     if size < 16:
         raise ValueError(f"phantom size must be >= 16, got {size}")
     rng = _rng(key)
-    ch = _Chest(size, rng)
+    ch = _Chest(size, rng, _rng(key + "/findings"))
     for f in spec.findings:
         _draw(ch, f)
     img = ch.compose()
