@@ -349,7 +349,7 @@ def build(opts: BuildOptions, progress: bool = True) -> dict[str, Any]:
     state = {"format": FORMAT, "source": opts.source, "build": opts.identity(), "shards": done}
 
     def save_state() -> None:
-        atomic_write_text(out / STATE, json.dumps(state, indent=1))
+        atomic_write_text(out / STATE, json.dumps(state))  # compact: C encoder, rewritten per shard
 
     seen: set[str] = set()
     patient_split: dict[str, str] = {}

@@ -15,7 +15,7 @@ clinical labeler see one stable token instead of a run of variable length.
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 SECTION_NAMES = ("findings", "impression", "indication", "comparison", "history")
 
@@ -100,7 +100,7 @@ class ReportSections:
         return " ".join(s for s in (self.findings, self.impression) if s)
 
     def to_dict(self) -> dict[str, str]:
-        return asdict(self)
+        return {k: getattr(self, k) for k in (*SECTION_NAMES, "full")}
 
     @classmethod
     def from_parts(cls, **parts: str | None) -> ReportSections:

@@ -85,6 +85,14 @@ def require_root(root: Path | None, source: str) -> Path:
     return root
 
 
+_SURROGATE = re.compile("[\udc80-\udcff]")
+
+
+def has_undecodable(*texts: str | None) -> bool:
+    """True when text read with errors="surrogateescape" held bytes that are not UTF-8."""
+    return any(isinstance(t, str) and _SURROGATE.search(t) is not None for t in texts)
+
+
 def decode_text(data: bytes) -> str | None:
     """UTF-8 text, or None when the bytes are not UTF-8 (the record is then counted as bad)."""
     try:

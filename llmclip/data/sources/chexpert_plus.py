@@ -24,7 +24,7 @@ from pathlib import Path
 
 from llmclip.config import ConfigError
 from llmclip.data.reports import ReportSections, parse_report
-from llmclip.data.sources import Record, make_key, require_root
+from llmclip.data.sources import Record, has_undecodable, make_key, require_root
 from llmclip.data.sources.mimic_cxr import CHEXPERT_COLUMNS
 
 NAME = "chexpert-plus"
@@ -101,7 +101,7 @@ class CheXpertPlusSource:
                 if not rel:
                     yield Record(key, NAME, pid, sid, error="missing_image_path")
                     continue
-                if any("\udc80" <= ch <= "\udcff" for v in row.values() if v for ch in v):
+                if has_undecodable(*row.values()):
                     yield Record(key, NAME, pid, sid, error="bad_encoding")
                     continue
                 lab = labels.get(rel)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from llmclip.config import ConfigError
 from llmclip.data.reports import parse_report
-from llmclip.data.sources import Record, make_key, require_root
+from llmclip.data.sources import Record, has_undecodable, make_key, require_root
 from llmclip.data.sources.mimic_cxr import CHEXPERT_COLUMNS, chexpert_labels
 
 NAME = "csv"
@@ -53,7 +53,7 @@ class CSVSource:
             if None in row or any(v is None for v in row.values()):
                 yield Record(key, NAME, pid, sid, error="bad_row")  # wrong number of cells
                 continue
-            if any("\udc80" <= ch <= "\udcff" for v in row.values() if v for ch in v):
+            if has_undecodable(*row.values()):
                 yield Record(key, NAME, pid, sid, error="bad_encoding")
                 continue
             image = row.get("image") or row.get("image_path") or ""

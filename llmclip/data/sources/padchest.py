@@ -25,7 +25,7 @@ from pathlib import Path
 from llmclip import assets
 from llmclip.config import ConfigError
 from llmclip.data.reports import parse_report
-from llmclip.data.sources import Record, make_key
+from llmclip.data.sources import Record, has_undecodable, make_key
 
 NAME = "padchest"
 TOTAL_ROWS = 160_861  # rows of the released CSV (used only for the progress bar)
@@ -147,7 +147,7 @@ class PadChestSource:
                     yield Record(key, NAME, pid or key, sid or key, error="bad_row")
                     continue
                 text = get(row, "Report")
-                if any("\udc80" <= ch <= "\udcff" for ch in text):
+                if has_undecodable(text):
                     yield Record(key, NAME, pid or key, sid or key, error="bad_encoding")
                     continue
                 names = parse_list(get(row, "Labels"))
