@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from llmclip.clinical import lexicon as lx
+from llmclip.clinical.fastre import WordStartMatcher, lower_same_length
 from llmclip.clinical.lexicon import CHEXPERT_CLASSES, LATERALITY, SEVERITY
 
 STATUS_VALUE = {"positive": 1, "uncertain": -1, "negative": 0}
@@ -37,7 +38,7 @@ PATHOLOGIES = tuple(c for c in CHEXPERT_CLASSES if c not in ("No Finding", "Supp
 _CLASS_INDEX = {c: i for i, c in enumerate(CHEXPERT_CLASSES)}
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Mention:
     """One observation mentioned in a report."""
 
@@ -99,31 +100,29 @@ def _wrap(fragment: str) -> str:
     return f"{left}(?:{fragment})(?!\\w)"
 
 
-def _build_mention_regex() -> tuple[re.Pattern[str], dict[str, tuple[tuple[str, ...], str, str]]]:
-    parts: list[str] = []
+def _mention_alternatives() -> tuple[list[tuple[str, str]], dict[str, tuple[tuple[str, ...], str, str]]]:
+    alts: list[tuple[str, str]] = []
     groups: dict[str, tuple[tuple[str, ...], str, str]] = {}
     pred = f"(?:{lx.PREDICATE_BORDERLINE}|{lx.PREDICATE_NORMAL}|{lx.PREDICATE_POSITIVE})"
     for i, (obs, term, subject) in enumerate(lx.PREDICATE_SUBJECTS):
         name = f"p{i}"
-        parts.append(
-            f"(?P<{name}>\\b(?:{subject}){lx.PREDICATE_GAP}\\s+"
-            f"(?P<{name}w>{lx.PREDICATE_ADVERBS}(?:{pred})(?!\\w)))"
+        alts.append(
+            (name, f"(?:{subject}){lx.PREDICATE_GAP}\\s+(?P<{name}w>{lx.PREDICATE_ADVERBS}(?:{pred})(?!\\w))")
         )
         groups[name] = (obs, term, "predicate")
     for i, (obs, term, subject) in enumerate(lx.PREFIX_SUBJECTS):
         name = f"x{i}"
-        parts.append(
-            f"(?P<{name}>(?P<{name}w>\\b(?:{lx.PREFIX_WORDS}))\\s+(?:{subject})(?!\\w))"
-        )
+        alts.append((name, f"(?P<{name}w>(?:{lx.PREFIX_WORDS}))\\s+(?:{subject})(?!\\w)"))
         groups[name] = (obs, term, "prefix")
     for i, (obs, term, rx) in enumerate(lx.TERMS):
         name = f"t{i}"
-        parts.append(f"(?P<{name}>{_wrap(rx)})")
+        alts.append((name, f"(?:{rx})(?!\\w)"))
         groups[name] = (obs, term, "term")
-    return re.compile("|".join(parts), re.IGNORECASE), groups
+    return alts, groups
 
 
-MENTION_RE, _GROUPS = _build_mention_regex()
+_MENTION_ALTS, _GROUPS = _mention_alternatives()
+MENTIONS = WordStartMatcher(_MENTION_ALTS)
 _CUE_ORDER = [
     ("pseudo", lx.PSEUDO_CUES),
     ("unc_post", lx.UNCERTAIN_POST_CUES),
@@ -135,16 +134,44 @@ _CUE_ORDER = [
     ("neg_pre", lx.NEGATION_PRE_CUES),
     ("term", lx.TERMINATORS),
 ]
-CUE_RE = re.compile(
-    "|".join(f"(?P<{kind}>{'|'.join(_wrap(f) for f in frags)})" for kind, frags in _CUE_ORDER),
-    re.IGNORECASE,
+_WORD_FRAG = re.compile(r"[\w(]")
+CUES = WordStartMatcher(
+    [
+        (f"{kind}__{i}", f"(?:{f})(?!\\w)")
+        for kind, frags in _CUE_ORDER
+        for i, f in enumerate(frags)
+        if _WORD_FRAG.match(f)
+    ]
+)
+# Cues made of punctuation ("?", ";") are not at word starts: found by a separate small regex.
+PUNCT_CUE_RE = re.compile(
+    "|".join(
+        f"(?P<{kind}>{'|'.join(f for f in frags if not _WORD_FRAG.match(f))})"
+        for kind, frags in _CUE_ORDER
+        if any(not _WORD_FRAG.match(f) for f in frags)
+    )
 )
 SENTENCE_END_RE = re.compile(r"[.!?]+(?=\s|$)|\n")
-LATERALITY_RE = re.compile(r"\b(?:" + "|".join(LATERALITY) + r")\b", re.IGNORECASE)
-SEVERITY_RE = re.compile(r"\b(?:" + "|".join(SEVERITY) + r")\b", re.IGNORECASE)
-MEASURE_RE = re.compile(
-    r"\b(\d+(?:\.\d+)?)\s*(?:x\s*\d+(?:\.\d+)?\s*)?(cm|mm|centimeters?|millimeters?)\b", re.IGNORECASE
+# Attribute words of a whole report in one pass (on lower-cased text).
+ATTR_RE = re.compile(
+    r"\b(?:(?P<lat>" + "|".join(LATERALITY) + r")|(?P<sev>" + "|".join(SEVERITY) + r")|"
+    r"(?P<num>\d+(?:\.\d+)?)\s*(?:x\s*\d+(?:\.\d+)?\s*)?(?P<unit>cm|mm|centimeters?|"
+    r"millimeters?))\b"
 )
+
+
+def _attribute_words(low: str) -> list[tuple[int, int, str, str]]:
+    out = []
+    for m in ATTR_RE.finditer(low):
+        kind = m.lastgroup
+        if kind == "lat":
+            out.append((m.start(), m.end(), "lat", LATERALITY[m.group()]))
+        elif kind == "sev":
+            out.append((m.start(), m.end(), "sev", SEVERITY[m.group()]))
+        else:
+            unit = "cm" if m.group("unit").startswith("c") else "mm"
+            out.append((m.start(), m.end(), "meas", f"{m.group('num')} {unit}"))
+    return out
 _BORDERLINE_RE = re.compile(lx.PREDICATE_BORDERLINE, re.IGNORECASE)
 _NORMAL_WORD_RE = re.compile(r"\b(?:normal|unremarkable|within)", re.IGNORECASE)
 _ABNORMAL_RE = re.compile(r"\babnormal\b", re.IGNORECASE)
@@ -164,6 +191,8 @@ _CUE_STATUS = {
 _POST_WINDOW = 80  # chars after a mention in which a post cue ("... has resolved") may stand
 _ATTR_BEFORE = 60  # chars before a mention searched for laterality / severity
 _ATTR_AFTER = 40
+_SEV_BEFORE = 30  # severity words sit right before the finding ("small left effusion")
+_MEAS_BEFORE = 40
 _INVERT = {"positive": "negative", "negative": "positive", "uncertain": "uncertain"}
 
 
@@ -197,13 +226,19 @@ class Labeler:
         """Label one report (any sections; feed findings + impression for CheXpert-style labels)."""
         if not isinstance(text, str) or not text.strip():
             return LabelResult()
-        found = list(MENTION_RE.finditer(text))
+        low = lower_same_length(text)
+        found = MENTIONS.finditer(low)
         if not found:
             return LabelResult()
         sents = _sentences(text)
         sent_starts = [s for s, _ in sents]
-        cues = [(m.start(), m.end(), m.lastgroup) for m in CUE_RE.finditer(text)]
+        cues = [(m.start(), m.end(), m.lastgroup.split("__")[0]) for m in CUES.finditer(low)]
+        punct = [(m.start(), m.end(), m.lastgroup) for m in PUNCT_CUE_RE.finditer(low)]
+        if punct:
+            cues = sorted(cues + punct)
         cue_starts = [c[0] for c in cues]
+        attrs = _attribute_words(low)
+        attr_starts = [a[0] for a in attrs]
         mentions: list[Mention] = []
         for m in found:
             name = m.lastgroup
@@ -218,7 +253,9 @@ class Labeler:
                 own = _predicate_status(word)
                 if own == "negative" or own == "uncertain" or status == "positive":
                     status, cue = own, None
-            laterality, severity, measure = self._attributes(text, start, end, s_start, s_end)
+            laterality, severity, measure = self._attributes(
+                attrs, attr_starts, start, end, s_start, s_end
+            )
             if form != "term" and severity is None and _BORDERLINE_RE.search(word):
                 severity = "mild"
             sentence = text[s_start:s_end].strip()
@@ -285,28 +322,30 @@ class Labeler:
         return None
 
     @staticmethod
-    def _attributes(text, start, end, s_start, s_end):
+    def _attributes(attrs, attr_starts, start, end, s_start, s_end):
+        """Laterality, severity and size near a mention, from the report's attribute words."""
         lo, hi = max(s_start, start - _ATTR_BEFORE), min(s_end, end + _ATTR_AFTER)
-        laterality = None
-        best = None
-        for lm in LATERALITY_RE.finditer(text, lo, hi):
-            # nearest, preferring words before the mention (modifiers precede nouns in English)
-            d = start - lm.end() if lm.end() <= start else (lm.start() - end) * 2 + 1
-            if lm.start() >= start and lm.end() <= end:
+        laterality = severity = measure = None
+        best_lat = best_sev = best_meas = 1 << 30
+        for k in range(bisect_left(attr_starts, lo), bisect_left(attr_starts, hi)):
+            a_start, a_end, kind, value = attrs[k]
+            if a_end > hi:
+                break
+            # distance to the mention; words before it (English modifiers) are preferred
+            if a_end <= start:
+                d = start - a_end
+            elif a_start >= end:
+                d = (a_start - end) * 2 + 1
+            else:
                 d = 0
-            if best is None or d < best:
-                best, laterality = d, LATERALITY[lm.group().lower()]
-        severity = None
-        best = None
-        for sm in SEVERITY_RE.finditer(text, max(s_start, start - 30), end):
-            d = start - sm.end() if sm.end() <= start else 0
-            if best is None or d < best:
-                best, severity = d, SEVERITY[sm.group().lower()]
-        measure = None
-        mm = MEASURE_RE.search(text, max(s_start, start - 40), hi)
-        if mm:
-            unit = mm.group(2).lower()
-            measure = f"{mm.group(1)} {'cm' if unit.startswith('c') else 'mm'}"
+            if kind == "lat":
+                if d < best_lat:
+                    best_lat, laterality = d, value
+            elif kind == "sev":
+                if a_start >= start - _SEV_BEFORE and a_start < end and d < best_sev:
+                    best_sev, severity = d, value
+            elif a_start >= start - _MEAS_BEFORE and d < best_meas:
+                best_meas, measure = d, value
         return laterality, severity, measure
 
 
