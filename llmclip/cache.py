@@ -155,10 +155,20 @@ def _atomic_write(path: Path, write) -> Path:
 
 
 def write_sidecar(
-    cache_dir: Path, name: str, keys: list[str], emb: np.ndarray, ident: CacheIdentity
+    cache_dir: Path,
+    name: str,
+    keys: list[str],
+    emb: np.ndarray,
+    ident: CacheIdentity,
+    source_sha256: str | None = None,
 ) -> None:
-    """Write one shard's rows; the ``.emb.npy`` appears last, so its presence means complete."""
-    body = json.dumps({"shard": name, "keys": keys, "build": ident.to_json()}).encode("utf-8")
+    """Write one shard's rows; the ``.emb.npy`` appears last, so its presence means complete.
+
+    ``source_sha256``: checksum of the shard the rows were read from (manifest), so a resumed build
+    redoes a sidecar whose shard was rebuilt under the same name.
+    """
+    side = {"shard": name, "keys": keys, "build": ident.to_json(), "source_sha256": source_sha256}
+    body = json.dumps(side).encode("utf-8")
     tmp_keys = _atomic_write(keys_path(cache_dir, name), lambda f: f.write(body))
     tmp_emb = _atomic_write(
         emb_path(cache_dir, name), lambda f: np.save(f, emb, allow_pickle=False)

@@ -316,6 +316,13 @@ def _share_cpu_threads(torch: Any) -> None:
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local))
 
 
+def _same_source(out: Path, shard: Any) -> bool:
+    """Whether a complete sidecar was read from this very shard file (checksum in the manifest)."""
+    want = getattr(shard, "sha256", None)
+    have = json.loads(keys_path(out, shard.name).read_text(encoding="utf-8")).get("source_sha256")
+    return want is None or have is None or want == have
+
+
 def build_cache(opts: BuildOptions, encoder: Any = None) -> BuildResult:
     """Encode this rank's shards (index mod world size) into ``opts.out``; resumable, atomic.
 
@@ -371,7 +378,7 @@ def build_cache(opts: BuildOptions, encoder: Any = None) -> BuildResult:
     skipped = []
     for s in mine:
         state, detail = sidecar_state(out, s.name, ident)
-        if state == "complete" and detail == s.count:
+        if state == "complete" and detail == s.count and _same_source(out, s):
             skipped.append(s.name)
         else:
             todo.append(s)
@@ -388,7 +395,7 @@ def build_cache(opts: BuildOptions, encoder: Any = None) -> BuildResult:
                 f"{s.path} holds {len(keys)} samples, its manifest says {s.count}: "
                 "run `llmclip shards verify`"
             )
-        write_sidecar(out, s.name, keys, emb, ident)
+        write_sidecar(out, s.name, keys, emb, ident, getattr(s, "sha256", None))
         reports += len(keys)
         tqdm.write(f"cache rank {env.rank}: wrote {s.name} ({len(keys)} reports)", file=sys.stderr)
     pbar.close()
