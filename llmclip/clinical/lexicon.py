@@ -251,7 +251,7 @@ UNCERTAIN_PRE_CUES = [
     r"questionable|question of|questioned|equivocal|indeterminate|cannot exclude|differential "
     r"(?:diagnosis |diagnoses |considerations? |possibilities )?(?:(?:is|are) (?:xxxx |broad )?"
     r"(?:and )?)?(?:includes?|of|would include)|consider(?:ed|ing|ation)?|alternatively|"
-    r"correlat\w* (?:clinically )?(?:for|with)(?: (?:xxxx|signs|symptoms|history)(?: of)?)?|"
+    r"correlat(?:e|ed|ion|ing) (?:clinically )?(?:for|with)(?: (?:xxxx|signs|symptoms|history)(?: of)?)?|"
     r"clinical correlation (?:for|with)|(?:signs|symptoms) of|in the (?:appropriate |right )?"
     r"clinical (?:setting|context)|(?:cannot|can not|can't) differentiate|superimposed"
     r"|rule out|r/o|to exclude|evaluate for|evaluation for|assess for|"
