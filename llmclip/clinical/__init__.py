@@ -2,5 +2,16 @@
 
 from llmclip.clinical.labeler import Labeler, LabelResult, Mention, aggregate
 from llmclip.clinical.lexicon import CHEXPERT_CLASSES
+from llmclip.clinical.variants import Variant, equivalent_rewrites, negate, one_error_edits
 
-__all__ = ["CHEXPERT_CLASSES", "LabelResult", "Labeler", "Mention", "aggregate"]
+__all__ = [
+    "CHEXPERT_CLASSES",
+    "LabelResult",
+    "Labeler",
+    "Mention",
+    "Variant",
+    "aggregate",
+    "equivalent_rewrites",
+    "negate",
+    "one_error_edits",
+]

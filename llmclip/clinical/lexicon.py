@@ -149,6 +149,8 @@ TERMS: list[tuple[tuple[str, ...], str, str]] = [
 # negate() flips a predicate by replacing its word (normal <-> enlarged / abnormal).
 PREDICATE_SUBJECTS: list[tuple[tuple[str, ...], str, str]] = [
     ((CM, ECM), "cardiomediastinal silhouette",
+     r"(?:the )?(?:heart size|cardiac size|heart|cardiac silhouette) and (?:the )?mediastinal "
+     r"(?:contours?|silhouettes?|width)|"
      r"(?:the )?(?:cardiac and mediastinal|heart and mediastinal|mediastinal and cardiac|"
      r"cardiomediastinal|cardio-mediastinal|cardiomedistinal) (?:silhouettes?|contours?|shadows?|"
      r"size|structures)|(?:the )?heart and mediastinum"),
@@ -218,8 +220,8 @@ PREFIX_SUBJECTS: list[tuple[tuple[str, ...], str, str]] = [
 # before "not", "no change" before "no").
 PSEUDO_CUES = [
     r"no (?:(?:significant|appreciable|interval|definite|substantial|acute|radiographic|"
-    r"substantial|overall) )*(?:change|increase|decrease|progression|worsening|improvement|"
-    r"enlargement|growth)",
+    r"substantial|overall) )*(?:change|increase|decrease|progression|worsening|improvement)",
+    r"no (?:(?:significant|appreciable|interval|substantial|further) )+(?:enlargement|growth)",
     r"without (?:(?:significant|interval|appreciable) )*(?:change|increase|progression|"
     r"enlargement|growth)",
     r"not (?:only|necessarily|significantly changed|changed|increased|decreased)",
@@ -302,6 +304,7 @@ TERMINATORS = [
     r"with",
     r"who",
     r"whereas",
+    r"otherwise",
     r"while",
     r"there (?:is|are|has been|have been|was|were)",
     r"(?:is|are) (?:again )?(?:seen|noted|present|identified|unchanged|stable|visualized)",

@@ -1,0 +1,520 @@
+"""Report variants for contrastive training: meaning-preserving rewrites, one-error edits, negation.
+
+- ``equivalent_rewrites``: abbreviate, expand, telegraphic style, sentence shuffle, synonym swap,
+  impression-only, findings-only. A rewrite is kept only if the Labeler gives it the same
+  14-class vector as the original.
+- ``one_error_edits``: negation flip, laterality swap, severity change, device added / removed,
+  measurement change, finding replaced by a neighbour. An edit is kept only if the Labeler sees
+  exactly that one change (``confirm_edit``); unconfirmed edits are discarded.
+- ``negate``: every positive finding becomes absent and every negated one present, fluently
+  ("small left pleural effusion" -> "no left pleural effusion", "no pneumothorax" ->
+  "pneumothorax", "the heart is normal in size" -> "the heart is enlarged"). Uncertain findings
+  are left as they are (there is no opposite of "possible"), so ``negate(negate(r))`` has the
+  labels of ``r``.
+
+``rng`` may be a ``random.Random`` or a ``numpy.random.Generator``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from llmclip.clinical import lexicon as lx
+from llmclip.clinical.labeler import (
+    LATERALITY,
+    SEVERITY,
+    Labeler,
+    LabelResult,
+    Mention,
+    _predicate_status,
+    _sentences,
+)
+
+_LABELER = Labeler()
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A rewritten or edited report and what was done to it."""
+
+    text: str
+    """The new report text."""
+    kind: str
+    """What kind of change: "abbreviate", "negation_flip", ... (see module doc)."""
+    detail: str
+    """Human-readable description of the change (e.g. "Pleural Effusion: positive -> negative")."""
+
+
+# --------------------------------------------------------------------------------------------
+# Random helpers working with random.Random and numpy Generators.
+
+
+def _randint(rng, n: int) -> int:
+    if hasattr(rng, "integers"):
+        return int(rng.integers(n))
+    return rng.randrange(n)
+
+
+def _shuffled(rng, items: list) -> list:
+    items = list(items)
+    for i in range(len(items) - 1, 0, -1):
+        j = _randint(rng, i + 1)
+        items[i], items[j] = items[j], items[i]
+    return items
+
+
+def _choice(rng, items: list):
+    return items[_randint(rng, len(items))]
+
+
+# --------------------------------------------------------------------------------------------
+# Negation.
+
+# The noun phrase of a finding is found by walking back over words until one of these (or
+# punctuation, or 5 words); words in _DROP are removed when the finding is negated
+# ("there is a small left effusion" -> "there is no left effusion").
+_NP_STOP = set(
+    "is are was were be been being there of in on at to for from by with and or but without "
+    "which that who no not nor any has have had seen noted identified present shows show "
+    "demonstrates demonstrate suggest suggests suggesting represent represents may might could "
+    "can will would also again likely possible possibly probable probably than as into within "
+    "along over under above below since versus vs consistent compatible given however but "
+    "although though otherwise while whereas except".split()
+)
+_DROP = set(
+    "a an the some mild small trace tiny minimal moderate large severe massive marked slight "
+    "new persistent stable chronic residual increased improved worsening developing mildly "
+    "slightly moderately markedly borderline".split()
+)
+_NP_MAX_WORDS = 5
+_WORD_BEFORE = re.compile(r"([\w-]+)[ \t]+$")
+_NEG_PREFIX = re.compile(
+    r"^(no|without)((?:\s+(?:evidence|signs?|findings?|suggestion|xxxx|features|radiographic|"
+    r"convincing|definite)(?:\s+(?:of|for|to suggest))?)*)(\s+|$)",
+    re.IGNORECASE,
+)
+_CUE_REPLACE = {
+    "negative for": "positive for",
+    "absence of": "presence of",
+    "resolution of": "persistence of",
+    "removal of": "placement of",
+    "interval removal of": "interval placement of",
+    "resolved": "persistent",
+    "cleared": "persistent",
+    "disappeared": "persistent",
+    "not": "",
+    "nor": "or",
+    "neither": "",
+    "rules out": "shows",
+    "ruled out": "shown",
+    "no longer": "still",
+}
+_POST_REPLACE = [
+    (re.compile(r"\b(?:not|no longer|never)\s+", re.IGNORECASE), ""),
+    (re.compile(r"\bhave (?:since |now |completely |nearly )?(?:resolved|cleared|disappeared)\b",
+                re.IGNORECASE), "persist"),
+    (re.compile(r"\bhas (?:since |now |completely |nearly )?(?:resolved|cleared|disappeared)\b",
+                re.IGNORECASE), "persists"),
+    (re.compile(r"\b(?:has been |have been |was |were )?removed\b", re.IGNORECASE), "in place"),
+    (re.compile(r"\b(is|are|was|were) (?:absent|gone|excluded)\b", re.IGNORECASE), r"\1 present"),
+]
+_SUGGEST = re.compile(
+    r"\b(?:to suggest|suggest(?:s|ive of|ing)?|to indicate|indicative of)\b", re.IGNORECASE
+)
+_COPULA_CLEAR = re.compile(r"\b(is|are)\s+$", re.IGNORECASE)
+_POSITIVE_WORD = {
+    "chest": "abnormal",
+    "mediastinum": "widened",
+    "pulmonary vascularity": "prominent",
+    "heart size and pulmonary vascularity": "prominent",
+}
+
+
+def _cue_replacement(text: str, cue: tuple[int, int], kind: str) -> tuple[int, int, str] | None:
+    a, b = cue
+    raw = text[a:b]
+    low = raw.lower()
+    if kind == "neg_pre":
+        m = _NEG_PREFIX.match(raw)
+        if m:
+            rest = raw[m.end() :]
+            lead = "with " if m.group(1).lower() == "without" else ""
+            return a, b, lead + rest
+        if low in ("free of", "clear of", "clearing of"):
+            before = _COPULA_CLEAR.search(text, 0, a)
+            if before:
+                verb = "shows" if before.group(1).lower() == "is" else "show"
+                return before.start(), b, verb
+            return a, b, "with"
+        if low in _CUE_REPLACE:
+            return a, b, _CUE_REPLACE[low]
+        return None
+    if kind == "neg_both":
+        return a, b, _CUE_REPLACE.get(low, "persistent")
+    if kind == "neg_post":
+        for rx, rep in _POST_REPLACE:
+            new, n = rx.subn(rep, raw, count=1)
+            if n:
+                return a, b, new.strip()
+        return None
+    return None
+
+
+def _np_start(text: str, start: int, floor: int) -> int:
+    """Start of the noun phrase ending in the mention (modifier words before it)."""
+    pos = start
+    for _ in range(_NP_MAX_WORDS):
+        if pos <= floor:
+            break
+        m = _WORD_BEFORE.search(text, floor, pos)
+        if not m or m.end() != pos or m.group(1).lower() in _NP_STOP:
+            break
+        pos = m.start()
+    return pos
+
+
+def _flip_edits(text: str, mentions: list[Mention]) -> list[tuple[int, int, str]] | None:
+    """Edits (start, end, replacement) flipping the status of ``mentions``; None if impossible."""
+    edits: dict[tuple[int, int], str] = {}
+    sents = _sentences(text)
+    for m in mentions:
+        if m.status == "uncertain":
+            continue
+        if m.cue_span is not None and m.cue_kind in ("neg_pre", "neg_post", "neg_both"):
+            rep = _cue_replacement(text, m.cue_span, m.cue_kind)
+            if rep is None:
+                return None
+            edits[(rep[0], rep[1])] = rep[2]
+            if m.cue_kind == "neg_pre":
+                # "no pleural line to suggest pneumothorax" -> "pleural line with pneumothorax"
+                sugg = _SUGGEST.search(text, m.cue_span[1], m.span[0])
+                if sugg:
+                    edits[sugg.span()] = "with"
+        elif m.form != "term" and m.word_span is not None:
+            a, b = m.word_span
+            if _predicate_status(text[a:b]) == "negative":
+                edits[(a, b)] = _POSITIVE_WORD.get(m.term, "enlarged")
+            else:
+                edits[(a, b)] = "normal"
+        elif m.cue_span is None:
+            s_start = sents[m.sentence_index][0]
+            a = _np_start(text, m.span[0], s_start)
+            kept = [w for w in text[a : m.span[0]].split() if w.lower() not in _DROP]
+            kept = [w if w.isupper() and len(w) > 1 else w.lower() for w in kept]
+            edits[(a, m.span[0])] = "no " + "".join(w + " " for w in kept)
+        else:
+            return None
+    # drop overlapping edits (keep the first) and apply right to left
+    out: list[tuple[int, int, str]] = []
+    last_end = -1
+    for (a, b), rep in sorted(edits.items()):
+        if a < last_end:
+            continue
+        out.append((a, b, rep))
+        last_end = max(b, a + 1)
+    return out
+
+
+def _apply(text: str, edits: list[tuple[int, int, str]]) -> str:
+    sent_starts = set()
+    for s, e in _sentences(text):
+        stripped = len(text[s:e]) - len(text[s:e].lstrip())
+        sent_starts.add(s + stripped)
+    for a, b, rep in sorted(edits, reverse=True):
+        tail = text[b:]
+        if a in sent_starts:
+            if rep.strip() and tail[:1].isupper() and not tail[1:2].isupper():
+                tail = tail[0].lower() + tail[1:]  # the word no longer starts the sentence
+            joined = rep + tail
+            lead = len(joined) - len(joined.lstrip())
+            joined = joined[lead:]
+            if joined:
+                joined = joined[0].upper() + joined[1:]
+            text = text[:a] + joined
+        else:
+            if not rep and text[a - 1 : a] == " " and tail.startswith(" "):
+                tail = tail[1:]
+            text = text[:a] + rep + tail
+    return re.sub(r"  +", " ", text)
+
+
+def negate(text: str) -> str:
+    """The report with every finding's status flipped (uncertain ones kept); see module doc."""
+    if not isinstance(text, str):
+        return ""
+    result = _LABELER.label(text)
+    if not result.mentions:
+        return text
+    edits = _flip_edits(text, result.mentions)
+    if not edits:
+        return text
+    return _apply(text, edits)
+
+
+# --------------------------------------------------------------------------------------------
+# Meaning-preserving rewrites.
+
+_ABBREV_TO_LONG = [(re.compile(rf"(?<![\w/]){re.escape(a)}(?![\w/])"), b) for a, b in lx.ABBREVIATIONS]
+_LONG_TO_ABBREV = [
+    (re.compile(rf"\b{re.escape(b)}\b", re.IGNORECASE), a) for a, b in lx.ABBREVIATIONS if len(b) > 4
+]
+_TELEGRAPHIC = [
+    (re.compile(r"\b(?:there|there's)\s+(?:is|are|has been|have been)\s+", re.IGNORECASE), ""),
+    (re.compile(r"\b(?:the|a|an)\s+", re.IGNORECASE), ""),
+    (re.compile(r"\s+(?:is|are)\s+(?=(?:noted|seen|present|identified|again seen)\b)", re.IGNORECASE), " "),
+]
+_SECTION = re.compile(r"\b(FINDINGS|IMPRESSION|CONCLUSION)\s*:\s*", re.IGNORECASE)
+
+
+def _sections(text: str) -> dict[str, str]:
+    heads = list(_SECTION.finditer(text))
+    out = {}
+    for i, h in enumerate(heads):
+        end = heads[i + 1].start() if i + 1 < len(heads) else len(text)
+        name = "impression" if h.group(1).lower() in ("impression", "conclusion") else "findings"
+        out[name] = text[h.end() : end].strip()
+    return out
+
+
+def _capitalise_sentences(text: str) -> str:
+    return re.sub(r"(^|[.!?]\s+)([a-z])", lambda m: m.group(1) + m.group(2).upper(), text)
+
+
+def _candidates(text: str, rng) -> list[Variant]:
+    out = []
+    new, hits = text, []
+    for rx, long in _ABBREV_TO_LONG:
+        new, n = rx.subn(long, new)
+        if n:
+            hits.append(long)
+    if hits:
+        out.append(Variant(new, "expand", "expanded: " + ", ".join(hits)))
+    new, hits = text, []
+    for rx, short in _LONG_TO_ABBREV:
+        new, n = rx.subn(short, new)
+        if n:
+            hits.append(short)
+    if hits:
+        out.append(Variant(new, "abbreviate", "abbreviated: " + ", ".join(hits)))
+    new = text
+    for rx, rep in _TELEGRAPHIC:
+        new = rx.sub(rep, new)
+    new = _capitalise_sentences(new)
+    if new != text:
+        out.append(Variant(new, "telegraphic", "dropped articles and copulas"))
+    sents = [text[a:b].strip() for a, b in _sentences(text) if text[a:b].strip()]
+    if len(sents) >= 2:
+        order = _shuffled(rng, list(range(len(sents))))
+        if order != sorted(order):
+            out.append(Variant(" ".join(sents[i] for i in order), "shuffle", f"order {order}"))
+    pairs = []
+    for a, b in lx.SYNONYMS:
+        for src, dst in ((a, b), (b, a)):
+            if re.search(rf"\b{re.escape(src)}\b", text, re.IGNORECASE):
+                pairs.append((src, dst))
+    if pairs:
+        src, dst = _choice(rng, pairs)
+        new = re.sub(rf"\b{re.escape(src)}\b", dst, text, flags=re.IGNORECASE)
+        out.append(Variant(_capitalise_sentences(new), "synonym", f"{src} -> {dst}"))
+    secs = _sections(text)
+    if secs.get("impression") and secs.get("findings"):
+        out.append(Variant(secs["impression"], "impression_only", "impression section only"))
+        out.append(Variant(secs["findings"], "findings_only", "findings section only"))
+    return out
+
+
+def equivalent_rewrites(text: str, rng, verify: bool = True) -> list[Variant]:
+    """Clinically equivalent versions of ``text`` (label vector unchanged when ``verify``)."""
+    if not isinstance(text, str) or not text.strip():
+        return []
+    cands = _candidates(text, rng)
+    if not verify:
+        return cands
+    ref = _LABELER.label(text).vector
+    return [v for v in cands if v.text != text and _LABELER.label(v.text).vector == ref]
+
+
+# --------------------------------------------------------------------------------------------
+# One-error edits.
+
+Summary = dict[str, tuple[int, frozenset, frozenset, frozenset, frozenset]]
+
+
+def summarise(result: LabelResult) -> Summary:
+    """Per observation: (vector value, lateralities, severities, measurements, device terms)."""
+    out: Summary = {}
+    for obs, value in result.vector.items():
+        if obs == "No Finding":
+            continue
+        ms = [m for m in result.mentions if m.observation == obs and m.status != "negative"]
+        out[obs] = (
+            value,
+            frozenset(m.laterality for m in ms if m.laterality),
+            frozenset(m.severity for m in ms if m.severity),
+            frozenset(m.measurement for m in ms if m.measurement),
+            frozenset(m.term for m in ms) if obs == "Support Devices" else frozenset(),
+        )
+    return out
+
+
+_FIELDS = ("status", "laterality", "severity", "measurement", "device")
+
+
+def diff(before: Summary, after: Summary) -> dict[str, list[str]]:
+    """Observation -> fields that differ ("status" when it appeared or vanished)."""
+    out: dict[str, list[str]] = {}
+    for obs in set(before) | set(after):
+        a, b = before.get(obs), after.get(obs)
+        if a == b:
+            continue
+        if a is None or b is None:
+            out[obs] = ["status"]
+        else:
+            out[obs] = [f for f, x, y in zip(_FIELDS, a, b, strict=True) if x != y]
+    return out
+
+
+def confirm_edit(kind: str, before: Summary, after: Summary, target: str | None = None) -> bool:
+    """Does ``after`` differ from ``before`` by exactly the one fact an edit of ``kind`` changes?"""
+    d = diff(before, after)
+    if kind == "finding_swap":
+        # one finding changes identity: the new observation appears; the old one may vanish
+        return target in d and d[target] == ["status"] and len(d) <= 2 and all(
+            f == ["status"] for f in d.values()
+        )
+    if len(d) != 1:
+        return False
+    (obs, fields), = d.items()
+    if target is not None and obs != target:
+        return False
+    if kind == "negation_flip":
+        return "status" in fields and before.get(obs, (None,))[0] != after.get(obs, (None,))[0]
+    if kind in ("device_add", "device_remove"):
+        return obs == "Support Devices" and bool(fields)
+    want = {"laterality_swap": "laterality", "severity_change": "severity",
+            "measurement_change": "measurement"}[kind]
+    return fields == [want]
+
+
+_SEVERITY_SWAP = {
+    "trace": "large", "tiny": "large", "small": "large", "minimal": "extensive", "mild": "severe",
+    "mildly": "severely", "slight": "marked", "slightly": "markedly", "moderate": "mild",
+    "moderately": "mildly", "large": "small", "massive": "small", "severe": "mild",
+    "severely": "mildly", "marked": "mild", "markedly": "mildly", "borderline": "severe",
+}
+_SEVERITY_WORD = re.compile(r"\b(" + "|".join(SEVERITY) + r")\b", re.IGNORECASE)
+_LATERALITY_WORD = re.compile(r"\b(" + "|".join(LATERALITY) + r")\b", re.IGNORECASE)
+_MEASURE = re.compile(r"\b(\d+(?:\.\d+)?)(\s*(?:x\s*\d+(?:\.\d+)?\s*)?(?:cm|mm))\b", re.IGNORECASE)
+
+
+def _match_case(word: str, like: str) -> str:
+    return word.capitalize() if like[:1].isupper() else word
+
+
+def _nearest(rx: re.Pattern[str], text: str, m: Mention, before: int, after: int):
+    lo, hi = max(0, m.span[0] - before), min(len(text), m.span[1] + after)
+    best = None
+    for hit in rx.finditer(text, lo, hi):
+        d = m.span[0] - hit.end() if hit.end() <= m.span[0] else max(0, hit.start() - m.span[1]) * 2
+        if best is None or d < best[0]:
+            best = (d, hit)
+    return best[1] if best else None
+
+
+def _edit_candidates(text: str, result: LabelResult, rng) -> list[tuple[Variant, str | None]]:
+    out: list[tuple[Variant, str | None]] = []
+    by_obs: dict[str, list[Mention]] = {}
+    for m in result.mentions:
+        if m.observation != "No Finding":
+            by_obs.setdefault(m.observation, []).append(m)
+    # negation flip of one observation (all its mentions, so the vector changes in one place)
+    for obs in _shuffled(rng, sorted(by_obs)):
+        ms = [m for m in by_obs[obs] if m.status != "uncertain"]
+        if not ms or len(ms) != len(by_obs[obs]):
+            continue
+        edits = _flip_edits(text, ms)
+        if edits:
+            before = result.vector.get(obs)
+            after = "negative" if before == 1 else "positive"
+            out.append((Variant(_apply(text, edits), "negation_flip",
+                                f"{obs}: {'positive' if before == 1 else 'negative'} -> {after}"), obs))
+            break
+    positives = [m for m in result.mentions if m.status == "positive" and m.observation != "No Finding"]
+    for m in _shuffled(rng, positives):
+        if m.laterality:
+            hit = _nearest(_LATERALITY_WORD, text, m, 60, 40)
+            if hit is not None:
+                w = hit.group(1).lower()
+                new = {"left": "right", "right": "left"}.get(w, _choice(rng, ["left", "right"]))
+                if LATERALITY.get(w) == new:
+                    continue
+                t2 = text[: hit.start()] + _match_case(new, hit.group(1)) + text[hit.end() :]
+                out.append((Variant(t2, "laterality_swap", f"{m.observation} laterality: {w} -> {new}"),
+                            m.observation))
+                break
+    for m in _shuffled(rng, positives):
+        if m.severity:
+            hit = _nearest(_SEVERITY_WORD, text, m, 30, 0)
+            if hit is not None and hit.group(1).lower() in _SEVERITY_SWAP:
+                w = hit.group(1).lower()
+                t2 = text[: hit.start()] + _match_case(_SEVERITY_SWAP[w], hit.group(1)) + text[hit.end() :]
+                out.append((Variant(t2, "severity_change",
+                                    f"{m.observation} severity: {w} -> {_SEVERITY_SWAP[w]}"), m.observation))
+                break
+    for m in _shuffled(rng, positives):
+        if m.measurement:
+            hit = _nearest(_MEASURE, text, m, 40, 40)
+            if hit is not None:
+                value = float(hit.group(1))
+                new = value * 2 if value < 5 else value / 2
+                new_s = f"{new:.1f}".rstrip("0").rstrip(".")
+                t2 = text[: hit.start()] + new_s + hit.group(2) + text[hit.end() :]
+                out.append((Variant(t2, "measurement_change",
+                                    f"{m.observation} measurement: {hit.group(1)} -> {new_s}"),
+                            m.observation))
+                break
+    if result.vector.get("Support Devices") != 1:
+        sentence = _choice(rng, lx.DEVICE_SENTENCES)
+        t2 = text.rstrip()
+        t2 = (t2 + ("" if t2.endswith((".", "!", "?")) else ".") + " " + sentence).strip()
+        out.append((Variant(t2, "device_add", f"added: {sentence}"), "Support Devices"))
+    else:
+        sents = _sentences(text)
+        dev_sents = {m.sentence_index for m in by_obs.get("Support Devices", [])}
+        other = {m.sentence_index for m in result.mentions if m.observation != "Support Devices"}
+        if dev_sents and not dev_sents & other:
+            keep = [text[a:b].strip() for i, (a, b) in enumerate(sents) if i not in dev_sents]
+            out.append((Variant(" ".join(s for s in keep if s), "device_remove",
+                                "removed the device sentences"), "Support Devices"))
+    for m in _shuffled(rng, positives):
+        if m.form != "term":
+            continue
+        word = text[m.span[0] : m.span[1]]
+        new = lx.NEIGHBOURS.get(word.lower())
+        if new is None:
+            continue
+        t2 = re.sub(rf"\b{re.escape(word)}\b", lambda h: _match_case(new, h.group()), text,
+                    flags=re.IGNORECASE)
+        target = _LABELER.label(new).mentions
+        if target:
+            out.append((Variant(t2, "finding_swap", f"{word.lower()} -> {new}"),
+                        target[0].observation))
+            break
+    return out
+
+
+def one_error_edits(text: str, rng) -> list[Variant]:
+    """Versions of ``text`` with exactly one clinical fact changed, each confirmed by the Labeler."""
+    if not isinstance(text, str) or not text.strip():
+        return []
+    result = _LABELER.label(text)
+    if not result.mentions:
+        return []
+    before = summarise(result)
+    kept = []
+    for variant, target in _edit_candidates(text, result, rng):
+        after = summarise(_LABELER.label(variant.text))
+        if confirm_edit(variant.kind, before, after, target):
+            kept.append(variant)
+    return kept
