@@ -217,6 +217,29 @@ def _predicate_status(word: str) -> str:
     return "positive"
 
 
+class TextContext:
+    """Sentences and cues of one text, to decide the status of any span (used by the graph)."""
+
+    def __init__(self, text: str, low: str | None = None):
+        self.text = text
+        self.low = lower_same_length(text) if low is None else low
+        self.sents = _sentences(text)
+        self.sent_starts = [s for s, _ in self.sents]
+        cues = [(m.start(), m.end(), m.lastgroup.split("__")[0]) for m in CUES.finditer(self.low)]
+        punct = [(m.start(), m.end(), m.lastgroup) for m in PUNCT_CUE_RE.finditer(self.low)]
+        self.cues = sorted(cues + punct) if punct else cues
+        self.cue_starts = [c[0] for c in self.cues]
+
+    def sentence_index(self, pos: int) -> int:
+        """Index of the sentence holding character ``pos``."""
+        return max(0, bisect_right(self.sent_starts, pos) - 1)
+
+    def status(self, start: int, end: int) -> str:
+        """"positive", "negative" or "uncertain" for a finding phrase at [start, end)."""
+        s_start, s_end = self.sents[self.sentence_index(start)]
+        return Labeler._status(self.cues, self.cue_starts, start, end, s_start, s_end)[0]
+
+
 class Labeler:
     """Rule-based CheXpert labeler. Stateless and thread-safe; construct once, call ``label``."""
 
@@ -230,13 +253,8 @@ class Labeler:
         found = MENTIONS.finditer(low)
         if not found:
             return LabelResult()
-        sents = _sentences(text)
-        sent_starts = [s for s, _ in sents]
-        cues = [(m.start(), m.end(), m.lastgroup.split("__")[0]) for m in CUES.finditer(low)]
-        punct = [(m.start(), m.end(), m.lastgroup) for m in PUNCT_CUE_RE.finditer(low)]
-        if punct:
-            cues = sorted(cues + punct)
-        cue_starts = [c[0] for c in cues]
+        ctx = TextContext(text, low)
+        sents, sent_starts, cues, cue_starts = ctx.sents, ctx.sent_starts, ctx.cues, ctx.cue_starts
         attrs = _attribute_words(low)
         attr_starts = [a[0] for a in attrs]
         mentions: list[Mention] = []

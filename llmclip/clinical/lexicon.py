@@ -426,3 +426,65 @@ DEVICE_SENTENCES: list[str] = [
     "A nasogastric tube courses below the diaphragm.",
     "A right-sided chest tube is in place.",
 ]
+
+# ---------------------------------------------------------------------------------------------
+# Report graph vocabulary (entities beyond the 14 CheXpert observations, anatomy, relations).
+# (canonical name, regex). Findings that are not CheXpert classes but matter for the graph.
+GRAPH_FINDINGS: list[tuple[str, str]] = [
+    ("granuloma", r"(?:calcified )?granulomas?|granulomatous (?:disease|process|changes?|sequela)"),
+    ("emphysema", r"emphysema(?:tous)?(?: changes?)?|bullous (?:disease|changes?)|bullae"),
+    ("copd", r"copd|chronic obstructive (?:pulmonary|lung) disease"),
+    ("hyperinflation", r"hyperinflat(?:ion|ed)|hyperexpan(?:sion|ded)|hyperaerat(?:ion|ed)"),
+    ("hypoinflation", r"hypoinflat(?:ion|ed)|low lung volumes?|hypoventilat(?:ion|ory)"),
+    ("calcification", r"calcifications?|calcified (?:lymph nodes?|nodes?|plaques?)"),
+    ("degenerative change",
+     r"degenerative (?:changes?|disease|spondylosis|disc disease)|spondylosis|osteophytes?"),
+    ("scoliosis", r"scoliosis|(?:dextro|levo)(?:scoliosis|curvature)"),
+    ("kyphosis", r"kyphosis|kyphotic"),
+    ("hiatal hernia", r"hiatal hernia|hiatus hernia"),
+    ("tortuous aorta", r"(?:tortuous|ectatic|unfolded) (?:thoracic )?aorta|aortic (?:tortuosity|ectasia)"),
+    ("elevated hemidiaphragm",
+     r"elevat(?:ed|ion of the) (?:right |left )?(?:hemi)?diaphragms?|diaphragmatic eventration|"
+     r"eventration"),
+    ("hilar prominence", r"hilar (?:prominence|fullness|enlargement)|prominent hil(?:a|um|ar)"),
+    ("lymphadenopathy", r"(?:lymph)?adenopathy|enlarged lymph nodes?"),
+    ("pericardial effusion", r"pericardial (?:effusion|fluid)"),
+    ("pneumoperitoneum", r"pneumoperitoneum|free (?:intraperitoneal )?air"),
+    ("subcutaneous emphysema", r"subcutaneous (?:emphysema|air)"),
+    ("bronchiectasis", r"bronchiectasis"),
+    ("osteopenia", r"osteopenia|demineraliz(?:ation|ed)|osteoporosis"),
+    ("air bronchograms", r"air bronchograms?"),
+]
+# (canonical region, regex). Laterality is a separate modifier node.
+ANATOMY: list[tuple[str, str]] = [
+    ("upper lobe", r"upper lobes?|rul|lul"),
+    ("middle lobe", r"middle lobe|rml"),
+    ("lower lobe", r"lower lobes?|rll|lll"),
+    ("lingula", r"lingula|lingular"),
+    ("lung base", r"(?:lung )?bases?|basilar|bibasilar|basal|bibasal"),
+    ("lung apex", r"(?:lung )?apex|apices|apical|biapical"),
+    ("midlung", r"mid ?lungs?|mid lung zones?"),
+    ("hilum", r"hil(?:um|a|ar)|perihilar|parahilar"),
+    ("lung", r"lungs?|pulmonary parenchyma|hemithorax"),
+    ("pleura", r"pleura|pleural space|fissures?"),
+    ("costophrenic angle", r"costophrenic (?:angles?|sulc(?:us|i)|recess(?:es)?)"),
+    ("retrocardiac", r"retrocardiac"),
+    ("mediastinum", r"mediastinum|mediastinal|paratracheal"),
+    ("heart", r"heart|cardiac|right atrium|right ventricle|atrium|ventricle|cavoatrial junction"),
+    ("aorta", r"aorta|aortic (?:arch|knob)"),
+    ("diaphragm", r"(?:hemi)?diaphragms?"),
+    ("trachea", r"trachea|carina"),
+    ("superior vena cava", r"superior vena cava|svc"),
+    ("stomach", r"stomach|gastric"),
+    ("spine", r"(?:thoracic |lumbar |cervical )?spine|vertebra(?:e|l bod(?:y|ies))?"),
+    ("ribs", r"ribs?"),
+    ("clavicle", r"clavicles?|clavicular"),
+    ("chest wall", r"chest wall|soft tissues?"),
+]
+# Cues between two findings of a sentence that make the first suggestive of the second.
+SUGGESTIVE_CUES = (
+    r"(?:may|might|could|which may|that may|likely|most likely) (?:also )?(?:represent|reflect|be "
+    r"due to|be secondary to|be related to|indicate|be)|represent(?:s|ing)?|reflect(?:s|ing)?|"
+    r"consistent with|compatible with|suggest(?:s|ive of|ing)?|concerning for|worrisome for|"
+    r"suspicious for|in keeping with|due to|secondary to|related to|likely|possibly|probably"
+)
