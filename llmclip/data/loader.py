@@ -79,7 +79,7 @@ class _Stats:
     def __init__(self):
         self.skipped: Counter = Counter()
         self.ignored: Counter = Counter()
-        self.delivered = 0  # good samples decoded so far (lets a cycling worker see a dead pass)
+        self.raw = 0  # samples read from tars so far (lets a cycling worker see an empty pass)
 
     def take(self) -> dict[str, dict[str, int]]:
         out = {"skipped": dict(self.skipped), "ignored": dict(self.ignored)}
@@ -134,37 +134,44 @@ class ShardStream(IterableDataset):
         if self.epoch_samples is None:
             yield from items
             return
-        rep = 0
-        while items:
-            before = stats.delivered
+        quota = self.worker_quota(worker, self._workers()[1]) or 0
+        rep, passes = 0, None
+        while items and (passes is None or rep < passes):
+            before = stats.raw
             if rep and self.shuffle:
                 random.Random(_seed(self.seed, self.epoch, self.rank, worker, rep)).shuffle(items)
             yield from items
             rep += 1
-            if stats.delivered == before:
-                return  # a whole pass gave no usable sample: stop instead of spinning
+            per_pass = stats.raw - before
+            if per_pass == 0:
+                return  # the shards hold nothing readable: stop instead of spinning
+            # passes needed if every sample were good, plus slack for bad ones; then stop for sure
+            passes = passes or math.ceil(quota / per_pass) + 2
 
     @staticmethod
     def _open(src: Iterator[dict]) -> Iterator[dict]:
         # Local files only (paths come from a checked manifest): never webdataset's gopen, which
-        # would run "pipe:" URLs as shell commands.
-        for item in src:
+        # would run "pipe:" URLs as shell commands. "#n" numbers each reading of a shard, so a shard
+        # read twice in a row (cycling, resampling) is still seen as two readings downstream.
+        for n, item in enumerate(src):
             with open(item["url"], "rb") as f:
-                yield {**item, "stream": f}
+                yield {"url": f"{item['url']}#{n}", "stream": f}
 
     def _check_shards(self, stats: _Stats, src: Iterator[dict]) -> Iterator[dict]:
         """Drop duplicate keys within a shard; count samples a broken shard failed to deliver."""
         url, keys, n = None, set(), 0
 
         def close() -> None:
-            if url is not None and n < self.expected.get(url, n):
-                stats.skipped["lost_in_broken_tar"] += self.expected[url] - n
+            path = url.rsplit("#", 1)[0] if url else None
+            if path is not None and n < self.expected.get(path, n):
+                stats.skipped["lost_in_broken_tar"] += self.expected[path] - n
 
         for sample in src:
             if sample["__url__"] != url:
                 close()
                 url, keys, n = sample["__url__"], set(), 0
             n += 1
+            stats.raw += 1
             if sample["__key__"] in keys:
                 stats.skipped["duplicate_key"] += 1
                 continue
@@ -196,7 +203,7 @@ class ShardStream(IterableDataset):
             if not (report.get("findings") or report.get("impression") or report.get("full")):
                 stats.skipped["empty_report"] += 1
                 continue
-            sample = {"key": key, "meta": meta, "shard": self.names.get(raw["__url__"], "")}
+            sample = {"key": key, "meta": meta, "shard": self.names.get(raw["__url__"].rsplit("#", 1)[0], "")}
             if self.kind == "image":
                 ext = next((e for e in IMAGE_EXTS if e in raw), None)
                 if ext is None:
@@ -207,7 +214,6 @@ class ShardStream(IterableDataset):
                 except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
                     stats.skipped["bad_image"] += 1
                     continue
-            stats.delivered += 1
             yield sample
 
     def _batches(self, stats: _Stats, src: Iterator[dict]) -> Iterator[dict]:
@@ -236,9 +242,13 @@ class ShardStream(IterableDataset):
             return None
         return self.epoch_samples // workers + (worker < self.epoch_samples % workers)
 
-    def __iter__(self) -> Iterator[dict]:
+    @staticmethod
+    def _workers() -> tuple[int, int]:
         info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        return (info.id, info.num_workers) if info else (0, 1)
+
+    def __iter__(self) -> Iterator[dict]:
+        worker, workers = self._workers()
         stats = _Stats()
         handler = partial(_tar_error_handler, stats)
         if self.resampled:
