@@ -19,6 +19,7 @@ COMMANDS: dict[str, str] = {
     "assets": "llmclip.assets",
     "cache": "llmclip.cache_cli",
     "shards": "llmclip.data.commands",
+    "labels": "llmclip.clinical.commands",
     "demo": "llmclip.demo",
     "plan": "llmclip.plan",
 }
