@@ -168,22 +168,29 @@ class LLMEncoder(nn.Module):
         return base.get_output_embeddings() if base is not self.decoder else None
 
     # ---------------------------------------------------------------- tokenisation
-    def tokenize(self, texts: list[str], instruction: str | None = None,
+    def tokenize(self, texts: list[str], instruction: str | list[str | None] | None = None,
                  device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
-        """Right-padded ids, attention mask and pool mask (report tokens only) for ``texts``."""
+        """Right-padded ids, attention mask and pool mask (report tokens only) for ``texts``.
+
+        ``instruction`` is one instruction for every text, or one per text (None/"" = none).
+        """
         tok = self.tokenizer
-        prefix: list[int] = []
-        if tok.bos_token_id is not None:
-            prefix.append(tok.bos_token_id)
-        if instruction:
-            prefix += tok(instruction.strip() + ":", add_special_tokens=False)["input_ids"]
+        per_row = instruction if isinstance(instruction, list) else [instruction] * len(texts)
+        if len(per_row) != len(texts):
+            raise ValueError(f"{len(per_row)} instructions for {len(texts)} texts")
+        bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+        prefixes: dict[str | None, list[int]] = {}
+        for ins in set(per_row):
+            words = tok(ins.strip() + ":", add_special_tokens=False)["input_ids"] if ins else []
+            prefixes[ins] = bos + words
         suffix = [tok.eos_token_id] if self.pooling == "last_token" and tok.eos_token_id is not None else []
-        room = self.max_length - len(prefix) - len(suffix)
-        if room < 1:
-            raise ConfigError(f"instruction is longer than max_length {self.max_length}", "instruction")
         bodies = tok(list(texts), add_special_tokens=False)["input_ids"]
         rows, pools = [], []
-        for body in bodies:
+        for body, ins in zip(bodies, per_row, strict=True):
+            prefix = prefixes[ins]
+            room = self.max_length - len(prefix) - len(suffix)
+            if room < 1:
+                raise ConfigError(f"instruction {ins!r} is longer than max_length {self.max_length}")
             body = body[:room] or [self.pad_id]  # an empty text still yields one pooled token
             rows.append(prefix + body + suffix)
             pools.append([0] * len(prefix) + [1] * (len(body) + len(suffix)))
@@ -191,7 +198,7 @@ class LLMEncoder(nn.Module):
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         attn = torch.zeros((len(rows), width), dtype=torch.long)
         pool = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, (r, p) in enumerate(zip(rows, pools)):
+        for i, (r, p) in enumerate(zip(rows, pools, strict=True)):
             ids[i, : len(r)] = torch.tensor(r)
             attn[i, : len(r)] = 1
             pool[i, : len(p)] = torch.tensor(p)

@@ -88,3 +88,49 @@ def save_encoder_dir(out: str | Path, decoder: nn.Module, tokenizer: Any, pooler
     else:
         os.replace(tmp, out)
     return out
+
+
+def export_final(module: nn.Module, cfg: Any, out: str | Path, dtype: Any) -> Path | None:
+    """Write ``RUN/final/`` from a trained ``Stage1Module`` (every rank calls; rank 0 writes).
+
+    The trained tensors (LoRA, pooler) are gathered whole; rank 0 then rebuilds the same encoder in
+    plain ``dtype`` (never 4-bit: merging LoRA into NF4 weights would round it away), loads them,
+    saves the adapter alone, merges it, and saves the decoder + pooler + tokenizer + encoder.json.
+    """
+    import dataclasses
+
+    import torch
+
+    from llmclip.checkpoint import full_parameter, trainable_parameters
+    from llmclip.distributed import rank
+    from llmclip.text.encoder import LLMEncoder, pooler_args
+
+    weights = {name: full_parameter(p) for name, p in trainable_parameters(module)}
+    if rank() != 0:
+        return None
+    plain = dataclasses.replace(cfg.model, quantization="none", gradient_checkpointing=False)
+    enc = LLMEncoder.build(plain, dtype)
+    fresh = dict(nn.ModuleDict({"encoder": enc}).named_parameters())
+    missing = sorted(set(weights) - set(fresh))
+    if missing:
+        raise RuntimeError(f"export: trained parameters not found in the rebuilt encoder: {missing[:3]}")
+    with torch.no_grad():
+        for name, value in weights.items():
+            fresh[name].copy_(value.to(fresh[name].dtype))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".adapter-") as tmp:
+        adapter = None
+        lm = enc.lm
+        if hasattr(lm, "merge_and_unload"):
+            adapter = Path(tmp) / "adapter"
+            lm.save_pretrained(adapter)
+            lm = lm.merge_and_unload()
+        decoder = getattr(lm, lm.base_model_prefix, lm)
+        extra = {"stage": 1, "base_model": cfg.model.source, "keep_layers": cfg.model.keep_layers,
+                 "layers": int(decoder.config.num_hidden_layers), "trained_steps": cfg.optim.max_steps}
+        return save_encoder_dir(
+            out, decoder, enc.tokenizer, enc.pooler, pooling=cfg.model.pooling,
+            max_length=cfg.model.max_length, dtype=str(dtype).replace("torch.", ""), instruction=None,
+            instructions=dict(cfg.stage1.instructions), pooler_args=pooler_args(cfg.model),
+            adapter_dir=adapter, extra=extra)

@@ -62,8 +62,14 @@ class TinyLlamaSpec:
 
 
 def cache_root(cache_dir: str | None = None) -> Path:
-    """Folder for converted models: ``cache_dir``, else ``$LLMCLIP_CACHE``, else ``./.assets``."""
-    return Path(cache_dir or os.environ.get("LLMCLIP_CACHE") or ".assets").resolve()
+    """Folder for converted models: ``cache_dir``, else ``$LLMCLIP_CACHE``, else the checkout's
+    ``.assets/`` (git-ignored), else ``~/.cache/llmclip`` for an installed package."""
+    if cache_dir or os.environ.get("LLMCLIP_CACHE"):
+        return Path(cache_dir or os.environ["LLMCLIP_CACHE"]).expanduser().resolve()
+    repo = Path(__file__).resolve().parents[2]
+    if (repo / "pyproject.toml").is_file():
+        return repo / ".assets"
+    return Path.home() / ".cache" / "llmclip"
 
 
 def _publish(tmp: Path, final: Path) -> Path:

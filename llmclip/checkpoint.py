@@ -1,0 +1,242 @@
+"""Atomic save / resume of a DeepSpeed run's trainable state: model-agnostic, ZeRO-stage-agnostic.
+
+A checkpoint holds only what training changes, each parameter *whole* (gathered across ranks), so a
+run can resume on a different number of ranks and no 4-bit base weight is ever serialised
+(bitsandbytes refuses to produce a state dict of packed 4-bit weights on the CPU):
+
+    RUN/checkpoints/step-000050/
+        model.safetensors   every ``requires_grad`` parameter by name (LoRA, pooler, heads ...)
+        optimizer.pt        per parameter: fp32 master copy + Adam moments; Adam step (torch.save of
+                            tensors and numbers only, read back with ``weights_only=True``)
+        scheduler.pt        the LR scheduler's state_dict (numbers only)
+        state.json          step, data position, anything the trainer adds; written last
+    RUN/checkpoints/latest  name of the newest complete checkpoint
+
+A checkpoint is written into a hidden temporary folder and renamed into place, then ``latest`` is
+replaced, then old checkpoints beyond ``keep`` are deleted: a kill at any moment leaves the previous
+complete checkpoint usable, and a partial folder is never read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from llmclip.config import ConfigError
+from llmclip.distributed import barrier, rank
+
+FORMAT = "llmclip-checkpoint/1"
+_STEP_DIR = re.compile(r"^step-(\d{6,})$")
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def trainable_parameters(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """``(name, param)`` of every trainable parameter, in module order (names are the file keys)."""
+    return [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+
+
+def full_parameter(param: nn.Parameter) -> torch.Tensor:
+    """The whole parameter on the CPU (gathered when ZeRO-3 has partitioned it); every rank calls."""
+    if hasattr(param, "ds_id"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+            return param.data.detach().cpu().clone()
+    return param.data.detach().cpu().clone()
+
+
+def _set_full(param: nn.Parameter, value: torch.Tensor) -> None:
+    if hasattr(param, "ds_id"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+            param.data.copy_(value.to(param.data.dtype).view_as(param.data))
+        return
+    param.data.copy_(value.to(device=param.device, dtype=param.dtype).view_as(param.data))
+
+
+def _inner_optimizer(engine: Any) -> torch.optim.Optimizer:
+    """The torch optimizer under DeepSpeed's ZeRO / bf16 wrapper (or the client optimizer itself)."""
+    opt = engine.optimizer
+    inner = getattr(opt, "optimizer", None)
+    return inner if isinstance(inner, torch.optim.Optimizer) else opt
+
+
+def _wrapped(engine: Any, param: nn.Parameter) -> bool:
+    """True when DeepSpeed keeps this parameter's fp32 master and moments in flat partitions."""
+    return hasattr(param, "ds_id") or getattr(param, "_hp_mapping", None) is not None
+
+
+def _moment_keys(inner: torch.optim.Optimizer) -> list[str]:
+    for state in inner.state.values():
+        return sorted(k for k, v in state.items() if torch.is_tensor(v) and v.dim() > 0)
+    return []
+
+
+def _adam_step(inner: torch.optim.Optimizer) -> float:
+    for state in inner.state.values():
+        step = state.get("step", 0)
+        return float(step.item() if torch.is_tensor(step) else step)
+    return 0.0
+
+
+def _ensure_state(engine: Any, keys: list[str], step: float) -> None:
+    """Create Adam-style state (zeros + step) where the optimizer has not stepped yet, so saved
+    moments can be written into it; then let DeepSpeed link its per-parameter views to it."""
+    inner = _inner_optimizer(engine)
+    for group in inner.param_groups:
+        for p in group["params"]:
+            state = inner.state[p]
+            for k in keys:
+                if k not in state:
+                    state[k] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["step"] = torch.tensor(float(step))
+    link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
+    if callable(link):
+        link()
+
+
+def _optimizer_tensors(engine: Any, params: list[tuple[str, nn.Parameter]]) -> dict[str, Any]:
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    inner = _inner_optimizer(engine)
+    keys = _moment_keys(inner)
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for name, p in params:
+        entry: dict[str, torch.Tensor] = {}
+        if _wrapped(engine, p):
+            entry["fp32"] = safe_get_full_fp32_param(p).detach().cpu().float().clone()
+            for k in keys:
+                entry[k] = safe_get_full_optimizer_state(p, k).detach().cpu().clone()
+        else:
+            entry["fp32"] = p.data.detach().cpu().float().clone()
+            for k in keys:
+                if k in inner.state.get(p, {}):
+                    entry[k] = inner.state[p][k].detach().cpu().clone()
+        out[name] = entry
+    return {"format": FORMAT, "moment_keys": keys, "adam_step": _adam_step(inner), "params": out}
+
+
+def save_checkpoint(run_dir: str | Path, step: int, engine: Any, state: dict[str, Any],
+                    keep: int = 2) -> Path:
+    """Write ``step-{step:06d}`` (every rank calls: gathers are collective; rank 0 writes)."""
+    from safetensors.torch import save_file
+
+    params = trainable_parameters(engine.module)
+    weights = {name: full_parameter(p).contiguous() for name, p in params}
+    optim = _optimizer_tensors(engine, params)
+    root = checkpoint_dir(run_dir)
+    final = root / f"step-{step:06d}"
+    if rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = root / f".tmp-step-{step:06d}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        torch.save(optim, tmp / "optimizer.pt")
+        sched = engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else {}
+        torch.save(sched, tmp / "scheduler.pt")
+        info = {"format": FORMAT, "step": int(step), "time": time.time(), **state}
+        (tmp / "state.json").write_text(json.dumps(info, indent=2, sort_keys=True), encoding="utf-8")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _write_latest(root, final.name)
+        _prune(root, keep)
+    barrier()
+    return final
+
+
+def _write_latest(root: Path, name: str) -> None:
+    tmp = root / f".latest-{os.getpid()}"
+    tmp.write_text(name + "\n", encoding="utf-8")
+    os.replace(tmp, root / "latest")
+
+
+def _complete(root: Path) -> list[Path]:
+    found = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / "state.json").is_file()]
+    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+
+
+def _prune(root: Path, keep: int) -> None:
+    for old in _complete(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".tmp-step-*"):
+        if not stale.name.endswith(f"-{os.getpid()}"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint (``latest`` if valid, else the highest complete step)."""
+    root = checkpoint_dir(run_dir)
+    if not root.is_dir():
+        return None
+    pointer = root / "latest"
+    if pointer.is_file():
+        name = pointer.read_text(encoding="utf-8").strip()
+        if _STEP_DIR.match(name) and (root / name / "state.json").is_file():
+            return root / name
+    done = _complete(root)
+    return done[-1] if done else None
+
+
+def load_checkpoint(path: str | Path, engine: Any) -> dict[str, Any]:
+    """Restore trainable weights, optimizer and scheduler into ``engine``; return ``state.json``.
+
+    Every rank calls (scatters are collective). Names must match the model's trainable parameters
+    exactly; anything else is a ``ConfigError`` naming the checkpoint.
+    """
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    try:
+        info = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: unreadable state.json: {e}", "checkpoint") from None
+    if info.get("format") != FORMAT:
+        raise ConfigError(f"{path}: format {info.get('format')!r}, expected {FORMAT}", "checkpoint")
+    weights = load_file(str(path / "model.safetensors"))
+    optim = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    params = trainable_parameters(engine.module)
+    names = {n for n, _ in params}
+    if set(weights) != names or set(optim.get("params", {})) != names:
+        missing = sorted(names - set(weights))[:3]
+        extra = sorted(set(weights) - names)[:3]
+        raise ConfigError(f"{path} does not match this model's trainable parameters "
+                          f"(missing {missing}, unexpected {extra}); was the config changed?", "checkpoint")
+    keys = list(optim.get("moment_keys", []))
+    if keys:
+        _ensure_state(engine, keys, optim.get("adam_step", 0.0))
+    inner = _inner_optimizer(engine)
+    for name, p in params:
+        entry = optim["params"][name]
+        _set_full(p, weights[name])
+        if _wrapped(engine, p):
+            safe_set_full_fp32_param(p, entry["fp32"].to(p.device))
+            for k in keys:
+                safe_set_full_optimizer_state(p, entry[k].to(p.device), k)
+        else:
+            for k in keys:
+                inner.state[p][k] = entry[k].to(device=p.device)
+    if engine.lr_scheduler is not None:
+        engine.lr_scheduler.load_state_dict(
+            torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
+    step = int(info["step"])
+    accum = int(engine.gradient_accumulation_steps())
+    engine.global_steps = step
+    engine.global_samples = step * int(engine.train_batch_size())
+    engine.micro_steps = step * accum
+    barrier()
+    return info

@@ -1,0 +1,99 @@
+"""Stage-1 losses: masked next-token prediction (MNTP) and supervised contrastive InfoNCE.
+
+MNTP (LLM2Vec): ~20% of the report tokens are replaced by a blank token and token ``i`` is predicted
+from the bidirectional state at position ``i - 1``, so the LM head the model was pretrained with
+keeps its meaning while the layers learn to use right context.
+
+Contrastive: each query (a report, or findings) has one positive (an equivalent rewrite, or the
+impression) and ``H`` hard negatives (the same text with exactly one clinical error). Keys are every
+positive and every hard negative of the *global* batch, gathered across ranks with gradients, so a
+2-rank step computes the same loss and (after DeepSpeed's gradient averaging) the same gradients as
+one rank holding the concatenated batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from llmclip.distributed import all_gather_no_grad, all_gather_with_grad, rank
+
+IGNORE = -100
+
+
+def blank_token_id(tokenizer) -> int:
+    """The MNTP blank: the tokenizer's mask token, else ``_`` (LLM2Vec's choice for Llama), else unk."""
+    if tokenizer.mask_token_id is not None:
+        return int(tokenizer.mask_token_id)
+    ids = tokenizer("_", add_special_tokens=False)["input_ids"]
+    if len(ids) == 1:
+        return int(ids[0])
+    fallback = tokenizer.unk_token_id if tokenizer.unk_token_id is not None else tokenizer.pad_token_id
+    if fallback is None:
+        raise ValueError("tokenizer has no mask, '_' , unk or pad token to use as the MNTP blank")
+    return int(fallback)
+
+
+def mntp_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor, blank_id: int, prob: float,
+              generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blank ~``prob`` of the real tokens after the first one (at least one per row).
+
+    Returns (masked ids, labels) where labels hold the original id at blanked positions and -100
+    elsewhere. Position 0 is never blanked: no state precedes it to predict it from.
+    """
+    cand = attention_mask.bool().clone()
+    cand[:, 0] = False
+    noise = torch.rand(input_ids.shape, generator=generator)
+    chosen = cand & (noise < prob)
+    # Rows where chance picked nothing: blank their candidate with the smallest noise.
+    empty = ~chosen.any(1) & cand.any(1)
+    if empty.any():
+        first = torch.where(cand, noise, torch.full_like(noise, 2.0)).argmin(1)
+        chosen[empty, first[empty]] = True
+    labels = torch.where(chosen, input_ids, torch.full_like(input_ids, IGNORE))
+    masked = torch.where(chosen, torch.full_like(input_ids, blank_id), input_ids)
+    return masked, labels
+
+
+def mntp_loss(states: torch.Tensor, lm_head: torch.nn.Module, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of token ``i`` predicted from the state at ``i - 1``, over blanked tokens only.
+
+    Only the selected states go through the LM head: the vocabulary projection is the largest matmul
+    of a small model and ~80% of its rows would be thrown away.
+    """
+    target = labels[:, 1:]
+    sel = target != IGNORE
+    logits = lm_head(states[:, :-1][sel]).float()
+    return F.cross_entropy(logits, target[sel])
+
+
+def contrastive_loss(query: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor,
+                     negative_valid: torch.Tensor, positive_ids: torch.Tensor, negative_ids: torch.Tensor,
+                     scale: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """InfoNCE of local queries against all gathered positives and hard negatives.
+
+    query, positive: [B, D]; negatives: [B * H, D] with ``negative_valid`` [B * H] (False = padding
+    where a report had fewer edits); ``positive_ids`` [B] / ``negative_ids`` [B * H]: int64 hashes of
+    the key texts, so a key whose text equals this query's positive (two normal reports with the same
+    impression) is not counted as a negative. Every rank must pass the same B and H.
+    Returns the mean loss over local queries and (detached) accuracy of the positive being ranked first.
+    """
+    b = query.shape[0]
+    q = F.normalize(query.float(), dim=-1)
+    keys = torch.cat([all_gather_with_grad(positive.float()), all_gather_with_grad(negatives.float())])
+    keys = F.normalize(keys, dim=-1)
+    key_ids = torch.cat([all_gather_no_grad(positive_ids), all_gather_no_grad(negative_ids)])
+    n_pos = keys.shape[0] - all_gather_no_grad(negative_valid).shape[0]
+    valid = torch.cat([torch.ones(n_pos, dtype=torch.bool, device=q.device),
+                       all_gather_no_grad(negative_valid.to(torch.uint8)).bool()])
+    target = torch.arange(b, device=q.device) + rank() * b
+    logits = scale * q @ keys.T
+    same_text = key_ids.unsqueeze(0) == positive_ids.unsqueeze(1)
+    own = torch.zeros_like(same_text)
+    own[torch.arange(b), target] = True
+    drop = (~valid).unsqueeze(0) | (same_text & ~own)
+    logits = logits.masked_fill(drop, float("-inf"))
+    loss = F.cross_entropy(logits, target)
+    with torch.no_grad():
+        acc = (logits.argmax(1) == target).float().mean().item()
+    return loss, {"contrastive_acc": acc}

@@ -1,0 +1,381 @@
+"""Stage 1: train an LLM into a clinical report encoder under DeepSpeed (ZeRO-3, QLoRA-ready).
+
+    deepspeed --num_gpus 2 llmclip/train.py --config configs/stage1/demo.yaml
+
+Schedule: ``stage1.mntp_steps`` steps of masked next-token prediction, then supervised contrastive
+steps until ``optim.max_steps``, one LoRA adapter throughout. Every step is a pure function of
+(seed, step, rank, data position): masking and dropout are reseeded per step, so a run killed and
+resumed from its latest checkpoint logs the same losses as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from llmclip.config import ConfigError, DeepSpeedSection, OptimConfig, RunConfig, to_dict
+from llmclip.text.encoder import LLMEncoder, ModelConfig
+from llmclip.text.pairs import INSTRUCTIONS, build_pairs, report_text, text_id
+
+log = logging.getLogger("llmclip.stage1")
+
+
+@dataclass
+class Stage1Data:
+    """Where the reports come from."""
+
+    shards: str = "shards/openi:train"
+    """Text-only shard spec: DIR, DIR:train or DIR:train,val (never the eval split)."""
+    num_workers: int = 0
+    """Loader worker processes per rank (text decoding is light; 0 is fine on CPU)."""
+
+    def validate(self) -> None:
+        if not self.shards:
+            raise ConfigError("must not be empty", "shards")
+        if self.num_workers < 0:
+            raise ConfigError("must be >= 0", "num_workers")
+
+
+@dataclass
+class ObjectiveConfig:
+    """The stage-1 objectives and their schedule."""
+
+    mntp_steps: int = 0
+    """Optimizer steps of MNTP before the contrastive steps start."""
+    mntp_mask_prob: float = 0.2
+    """Share of report tokens blanked for MNTP."""
+    contrastive_scale: float = 50.0
+    """Cosine similarity is multiplied by this before the softmax (inverse temperature)."""
+    hard_negatives: int = 1
+    """One-error edits per query used as extra negatives (gathered across ranks like positives)."""
+    summary_fraction: float = 0.5
+    """Share of pairs that are findings -> impression (the rest are report -> rewrite)."""
+    instructions: dict[str, str] = field(default_factory=lambda: dict(INSTRUCTIONS))
+    """Task instruction per pair type, prepended to queries and excluded from pooling."""
+
+    def validate(self) -> None:
+        if self.mntp_steps < 0:
+            raise ConfigError("must be >= 0", "mntp_steps")
+        if not 0 < self.mntp_mask_prob < 1:
+            raise ConfigError("must be in (0, 1)", "mntp_mask_prob")
+        if not self.contrastive_scale > 0:
+            raise ConfigError("must be > 0", "contrastive_scale")
+        if self.hard_negatives < 0:
+            raise ConfigError("must be >= 0", "hard_negatives")
+        if not 0 <= self.summary_fraction <= 1:
+            raise ConfigError("must be in [0, 1]", "summary_fraction")
+        missing = sorted(set(INSTRUCTIONS) - set(self.instructions))
+        if missing:
+            raise ConfigError(f"needs an instruction for {missing}", "instructions")
+
+
+@dataclass
+class Stage1Config:
+    """A stage-1 recipe (``stage: 1``)."""
+
+    stage: int = 1
+    """Which trainer ``llmclip/train.py`` runs: 1 = this text encoder."""
+    run: RunConfig = field(default_factory=lambda: RunConfig(out_dir="runs/stage1"))
+    """Run folder, seed, logging and checkpoint cadence."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The LLM, its precision, LoRA and pooling."""
+    data: Stage1Data = field(default_factory=Stage1Data)
+    """Text-only shards."""
+    stage1: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    """Objectives and schedule."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """AdamW and the warmup + cosine schedule."""
+    deepspeed: DeepSpeedSection = field(
+        default_factory=lambda: DeepSpeedSection(config="ds_configs/cpu_zero3.json"))
+    """DeepSpeed JSON and the values this recipe fills into it."""
+
+    def validate(self) -> None:
+        if self.stage != 1:
+            raise ConfigError("a stage-1 config must say stage: 1", "stage")
+        if self.stage1.mntp_steps > self.optim.max_steps:
+            raise ConfigError("must not exceed optim.max_steps", "stage1.mntp_steps")
+
+
+# ------------------------------------------------------------------------------------ DeepSpeed
+def use_bf16(ds: DeepSpeedSection) -> bool:
+    return ds.precision == "bf16" or (ds.precision == "auto" and torch.cuda.is_available())
+
+
+def deepspeed_config(cfg: Stage1Config, world_size: int) -> dict[str, Any]:
+    """The JSON recipe with this run's batch sizes, clip, precision, stage and TensorBoard filled in."""
+    path = Path(cfg.deepspeed.config)
+    try:
+        ds = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"cannot read DeepSpeed JSON {path}: {e}", "deepspeed.config") from None
+    if "optimizer" in ds or "scheduler" in ds:
+        raise ConfigError(f"{path}: leave out 'optimizer'/'scheduler' (the trainer passes torch AdamW "
+                          "and its schedule; DeepSpeed's would need compiled ops)", "deepspeed.config")
+    auto = [k for k, v in _walk(ds) if v == "auto"]
+    if auto:
+        raise ConfigError(f"{path}: 'auto' is only resolved by the HF Trainer; set {auto[0]}", "deepspeed.config")
+    d = cfg.deepspeed
+    ds["train_micro_batch_size_per_gpu"] = d.micro_batch_size
+    ds["gradient_accumulation_steps"] = d.grad_accum
+    ds["train_batch_size"] = d.micro_batch_size * d.grad_accum * world_size
+    ds["gradient_clipping"] = cfg.optim.grad_clip
+    bf16 = use_bf16(d)
+    ds["bf16"] = {**ds.get("bf16", {}), "enabled": bf16}
+    ds["fp16"] = {**ds.get("fp16", {}), "enabled": False}
+    ds.setdefault("zero_optimization", {})
+    if d.zero_stage is not None:
+        ds["zero_optimization"]["stage"] = d.zero_stage
+    ds["zero_allow_untested_optimizer"] = True
+    ds["tensorboard"] = {"enabled": bool(cfg.run.tensorboard),
+                         "output_path": str(Path(cfg.run.out_dir) / "tb"), "job_name": "stage1"}
+    return ds
+
+
+def _walk(node: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    if isinstance(node, dict):
+        return [kv for k, v in node.items() for kv in _walk(v, f"{prefix}.{k}" if prefix else k)]
+    return [(prefix, node)]
+
+
+def lr_lambda(optim: OptimConfig):
+    """Linear warmup to 1, then cosine to ``min_lr_ratio`` at ``max_steps``."""
+
+    def f(step: int) -> float:
+        if step < optim.warmup_steps:
+            return (step + 1) / (optim.warmup_steps + 1)
+        span = max(1, optim.max_steps - optim.warmup_steps)
+        t = min(1.0, (step - optim.warmup_steps) / span)
+        return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+    return f
+
+
+def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices; never biases, norms, latents or 1-D parameters."""
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "norm" in name or "latents" in name else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return [g for g in groups if g["params"]]
+
+
+# ------------------------------------------------------------------------------------ the module
+class Stage1Module(nn.Module):
+    """What DeepSpeed wraps: the encoder plus both objectives, so every parameter fetch under
+    ZeRO-3 happens inside one ``forward``."""
+
+    def __init__(self, encoder: LLMEncoder, obj: ObjectiveConfig):
+        super().__init__()
+        self.encoder = encoder
+        self.obj = obj
+
+    def forward(self, kind: str, **batch: torch.Tensor) -> dict[str, Any]:
+        from llmclip.text.objectives import contrastive_loss, mntp_loss
+
+        enc = self.encoder
+        if kind == "mntp":
+            states = enc.hidden_states(batch["input_ids"], batch["attention_mask"])
+            return {"loss": mntp_loss(states, enc.lm_head, batch["labels"]), "metrics": {}}
+        q = enc(batch["q_ids"], batch["q_attn"], batch["q_pool"])
+        docs = enc(batch["d_ids"], batch["d_attn"], batch["d_pool"])
+        b = q.shape[0]
+        loss, metrics = contrastive_loss(q, docs[:b], docs[b:], batch["neg_valid"], batch["pos_ids"],
+                                         batch["neg_ids"], self.obj.contrastive_scale)
+        return {"loss": loss, "metrics": metrics}
+
+
+def step_seed(seed: int, step: int, rank: int, micro: int) -> int:
+    """Seed of one micro-step on one rank: independent of where the run (re)started."""
+    return (seed * 1_000_003 + step * 1_009 + micro * 101 + rank) % (2**63 - 1)
+
+
+def make_batch(kind: str, metas: list[dict[str, Any]], enc: LLMEncoder, obj: ObjectiveConfig,
+               seed: int, blank_id: int) -> dict[str, Any]:
+    """Tensors for one micro-step, built deterministically from ``seed``."""
+    from llmclip.text.objectives import mntp_mask
+
+    if kind == "mntp":
+        t = enc.tokenize([report_text(m) for m in metas])
+        gen = torch.Generator().manual_seed(seed)
+        ids, labels = mntp_mask(t["input_ids"], t["attention_mask"], blank_id, obj.mntp_mask_prob, gen)
+        return {"kind": "mntp", "input_ids": ids, "attention_mask": t["attention_mask"], "labels": labels}
+    rng = random.Random(seed)
+    pairs = build_pairs(metas, rng, obj.hard_negatives, obj.summary_fraction)
+    q = enc.tokenize([p.query for p in pairs], [obj.instructions[p.kind] for p in pairs])
+    d = enc.tokenize([p.positive for p in pairs] + [n for p in pairs for n in p.negatives])
+    return {
+        "kind": "contrastive",
+        "q_ids": q["input_ids"], "q_attn": q["attention_mask"], "q_pool": q["pool_mask"],
+        "d_ids": d["input_ids"], "d_attn": d["attention_mask"], "d_pool": d["pool_mask"],
+        "neg_valid": torch.tensor([v for p in pairs for v in p.negative_valid], dtype=torch.bool),
+        "pos_ids": torch.tensor([text_id(p.positive) for p in pairs], dtype=torch.long),
+        "neg_ids": torch.tensor([text_id(n) for p in pairs for n in p.negatives], dtype=torch.long),
+    }
+
+
+def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _cpu_threads() -> None:
+    """Split the CPU cores between the ranks of this node instead of oversubscribing them."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 0)
+    if not local:
+        local = int(os.environ.get("WORLD_SIZE", "1"))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop records logged after the checkpoint we resume from (they will be logged again)."""
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text(encoding="utf-8").splitlines()
+            if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------ the run
+def run(cfg: Stage1Config) -> int:
+    """Train (or resume) a stage-1 run and export ``RUN/final/``; every rank calls this."""
+    import deepspeed
+    import yaml
+
+    from llmclip.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from llmclip.distributed import all_gather_no_grad, barrier, init_distributed
+    from llmclip.text.export import export_final
+    from llmclip.text.objectives import blank_token_id
+    from llmclip.text.sources import resolve_source
+    from llmclip.text.stream import ReportStream
+
+    env = init_distributed(cfg.run.collective_timeout_s)
+    logging.basicConfig(level=logging.INFO if env.is_main else logging.WARNING,
+                        format=f"[rank{env.rank}] %(asctime)s %(name)s: %(message)s")
+    device = torch.device(f"cuda:{env.local_rank}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        _cpu_threads()
+    out = Path(cfg.run.out_dir)
+    ds_config = deepspeed_config(cfg, env.world_size)
+    bf16 = ds_config["bf16"]["enabled"]
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+        (out / "ds_config.json").write_text(json.dumps(ds_config, indent=2), encoding="utf-8")
+        resolve_source(cfg.model.source, cfg.model.tiny, cfg.model.cache_dir or None)  # convert once
+    barrier()
+
+    zero3 = ds_config.get("zero_optimization", {}).get("stage", 0) == 3
+    hf_ds = None
+    if zero3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        hf_ds = HfDeepSpeedConfig(ds_config)  # must stay alive while from_pretrained runs  # noqa: F841
+    torch.manual_seed(cfg.run.seed)
+    encoder = LLMEncoder.build(cfg.model, dtype)
+    module = Stage1Module(encoder, cfg.stage1)
+    n_train = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    log.info("trainable parameters: %d; precision %s; ZeRO stage %s; world %d", n_train,
+             "bf16" if bf16 else "fp32", ds_config["zero_optimization"].get("stage"), env.world_size)
+    optimizer = torch.optim.AdamW(param_groups(module, cfg.optim.weight_decay), lr=cfg.optim.lr,
+                                  betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim))
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=ds_config)
+    blank_id = blank_token_id(encoder.tokenizer)
+
+    stream = ReportStream(cfg.data.shards, seed=cfg.run.seed, num_workers=cfg.data.num_workers)
+    start = 0
+    ckpt = latest_checkpoint(out) if cfg.run.resume else None
+    if ckpt is not None:
+        info = load_checkpoint(ckpt, engine)
+        start = int(info["step"])
+        positions = info.get("data", {}).get("consumed_per_rank", [])
+        if len(positions) == env.world_size:
+            stream.skip(int(positions[env.rank]))
+        else:
+            log.warning("checkpoint from %d ranks, now %d: data order restarts", len(positions), env.world_size)
+        if env.is_main:
+            _truncate_metrics(out / "metrics.jsonl", start)
+            log.info("resumed from %s at step %d", ckpt, start)
+
+    accum = cfg.deepspeed.grad_accum
+    bar = None
+    if env.is_main:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.optim.max_steps, initial=start, desc="stage1", unit="step", dynamic_ncols=True)
+    nonfinite, step = 0, start
+    while step < cfg.optim.max_steps:
+        kind = "mntp" if step < cfg.stage1.mntp_steps else "contrastive"
+        t0 = time.perf_counter()
+        losses, metrics, skip = [], {}, False
+        for micro in range(accum):
+            seed = step_seed(cfg.run.seed, step, env.rank, micro)
+            metas = stream.take(cfg.deepspeed.micro_batch_size)
+            batch = _to(make_batch(kind, metas, encoder, cfg.stage1, seed, blank_id), device)
+            torch.manual_seed(seed)  # dropout: same draws whether or not the run was resumed
+            outp = engine(**batch)
+            loss = outp["loss"]
+            bad = torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0], device=device)
+            if all_gather_no_grad(bad).sum().item() > 0:
+                skip = True
+                break
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.detach().float())
+            metrics = outp["metrics"]
+        if skip:
+            nonfinite += 1
+            log.warning("non-finite loss at step %d on some rank: step skipped (%d in a row)", step, nonfinite)
+            if nonfinite >= cfg.run.max_nonfinite_steps:
+                raise RuntimeError(f"{nonfinite} consecutive non-finite losses; stopping at step {step}")
+            continue
+        nonfinite = 0
+        step += 1
+        mean_loss = all_gather_no_grad(torch.stack(losses).mean().reshape(1)).mean().item()
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(kind=kind, loss=f"{mean_loss:.4f}")
+        if env.is_main and (step % cfg.run.log_every == 0 or step == cfg.optim.max_steps or step == 1):
+            rec = {"step": step, "objective": kind, "loss": mean_loss,
+                   "lr": engine.get_lr()[0], "step_time_s": time.perf_counter() - t0,
+                   "samples_seen": step * cfg.deepspeed.micro_batch_size * accum * env.world_size, **metrics}
+            with open(out / "metrics.jsonl", "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(rec) + "\n")
+            if engine.monitor is not None and engine.monitor.enabled:
+                engine.monitor.write_events([(f"stage1/{k}", float(v), step) for k, v in rec.items()
+                                             if isinstance(v, (int, float)) and k != "step"])
+        if cfg.run.save_every and step % cfg.run.save_every == 0 and step < cfg.optim.max_steps:
+            consumed = all_gather_no_grad(torch.tensor([stream.consumed], device=device)).tolist()
+            save_checkpoint(out, step, engine, {"data": {"consumed_per_rank": consumed}},
+                            keep=cfg.run.keep_checkpoints)
+    if bar is not None:
+        bar.close()
+    consumed = all_gather_no_grad(torch.tensor([stream.consumed], device=device)).tolist()
+    save_checkpoint(out, step, engine, {"data": {"consumed_per_rank": consumed}}, keep=cfg.run.keep_checkpoints)
+    if stream.dropped and env.is_main:
+        log.warning("%d samples without report text were skipped", stream.dropped)
+    if hf_ds is not None:
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        del hf_ds
+        unset_hf_deepspeed_config()  # the export loads a plain model on rank 0 only
+    export_final(engine.module, cfg, out / "final", dtype)
+    barrier()
+    return 0
