@@ -112,6 +112,26 @@ def first_words(pattern: str) -> set[str] | None:
     return words
 
 
+def trie_regex(words: set[str] | list[str]) -> str:
+    """A regex matching exactly ``words``, shaped as a trie so each position costs O(word length)."""
+    trie: dict = {}
+    for w in words:
+        node = trie
+        for ch in w:
+            node = node.setdefault(ch, {})
+        node[""] = {}
+
+    def emit(node: dict) -> str:
+        end = "" in node
+        branches = [re.escape(ch) + emit(child) for ch, child in sorted(node.items()) if ch]
+        if not branches:
+            return ""
+        body = branches[0] if len(branches) == 1 else "(?:" + "|".join(branches) + ")"
+        return f"(?:{body})?" if end else body
+
+    return emit(trie)
+
+
 class WordStartMatcher:
     """Leftmost, non-overlapping matches of named alternatives, tried only at word starts."""
 
@@ -136,13 +156,18 @@ class WordStartMatcher:
         self._table = {w: build(idx + always) for w, idx in by_word.items()}
         self._fallback = build(always) if always else None
         self.n_always = len(always)
+        # Words that can start a match, found by one trie-shaped regex scan in C, so Python only
+        # loops over candidate words (not every word) when no alternative is tried everywhere.
+        self._trigger = (
+            re.compile(r"\b(?:" + trie_regex(sorted(by_word)) + r")(?!\w)") if not always else None
+        )
 
     def finditer(self, low: str) -> list[re.Match[str]]:
         """Matches in ``low`` (already lower-cased), like ``re.finditer`` at word starts."""
         out: list[re.Match[str]] = []
         last = -1
         get, fallback = self._table.get, self._fallback
-        for w in _WORD.finditer(low):
+        for w in (self._trigger or _WORD).finditer(low):
             p = w.start()
             if p < last:
                 continue
