@@ -207,6 +207,20 @@ def _sentences(text: str) -> list[tuple[int, int]]:
     return spans
 
 
+_NOT_PROSE_RE = re.compile(r"[^a-z\s.,;:()/%'\"\-+]")
+_MAX_SENTENCE = 2000  # a "sentence" this long without an end mark is not report prose
+_MAX_NOT_PROSE = 0.15  # tolerated share of digits and odd symbols in a sentence
+
+
+def _is_prose(low: str, start: int, end: int) -> bool:
+    """Is this sentence written text (not noise, binary, a table dump)? Gate for unseen input."""
+    n = end - start
+    if n > _MAX_SENTENCE:
+        return False
+    bad = len(_NOT_PROSE_RE.findall(low, start, end))
+    return bad <= _MAX_NOT_PROSE * n
+
+
 def _predicate_status(word: str) -> str:
     # "borderline heart size" / "upper limits of normal" is reported as present and mild, as the
     # Open-I annotators index it (Cardiomegaly/borderline).
@@ -258,12 +272,17 @@ class Labeler:
         attrs = _attribute_words(low)
         attr_starts = [a[0] for a in attrs]
         mentions: list[Mention] = []
+        readable: dict[int, bool] = {}
         for m in found:
             name = m.lastgroup
             obs, term, form = _GROUPS[name]
             start, end = m.span()
             si = bisect_right(sent_starts, start) - 1
             s_start, s_end = sents[si]
+            if si not in readable:
+                readable[si] = _is_prose(low, s_start, s_end)
+            if not readable[si]:
+                continue
             word_span = m.span(name + "w") if form != "term" else None
             status, cue = self._status(cues, cue_starts, start, end, s_start, s_end)
             if form != "term":
@@ -296,6 +315,8 @@ class Labeler:
                         sentence_index=si,
                     )
                 )
+        if not mentions:
+            return LabelResult()
         return LabelResult(mentions=mentions, vector=aggregate(mentions))
 
     @staticmethod
