@@ -41,14 +41,14 @@ TERMS: list[tuple[tuple[str, ...], str, str]] = [
     ((NF,), "active disease", r"active (?:cardiopulmonary |pulmonary |lung )?disease"),
     # --- Enlarged Cardiomediastinum
     ((ECM,), "widened mediastinum",
-     r"(?:widened|widening of the|enlarged|enlargement of the) (?:superior )?"
+     r"(?:widened|widening of (?:the )?|enlarged|enlargement of (?:the )?)(?:superior )?"
      r"(?:mediastinum|mediastinal (?:silhouette|contours?|shadow|width))"),
     ((ECM,), "mediastinal widening", r"mediastinal (?:widening|enlargement|prominence)"),
     # --- Cardiomegaly
     ((CM,), "cardiomegaly", r"cardiomegal(?:y|ly|ic)|cardiac megaly"),
     ((CM,), "enlarged heart",
      r"(?:enlarged|large|prominent|globular) (?:heart|cardiac (?:silhouette|shadow|size|contours?))"
-     r"(?: size)?|(?:cardiac|heart) enlargement|enlargement of the (?:heart|cardiac "
+     r"(?: size)?|(?:cardiac|heart) enlargement|enlargement of (?:the )?(?:heart|cardiac "
      r"(?:silhouette|shadow))"),
     # --- Lung Lesion
     ((LL, LO), "nodular opacity",
@@ -67,11 +67,11 @@ TERMS: list[tuple[tuple[str, ...], str, str]] = [
      r"pleural (?:thickening|scarring|scar|plaques?|calcifications?|reaction|fibrosis)|"
      r"pleural[- ]parenchymal (?:scarring|scar|thickening|changes?)|pleuroparenchymal "
      r"(?:scarring|scar|thickening|changes?)|fibrothorax|(?:apical )?pleural cap(?:ping|s)?|"
-     r"apical cap(?:ping|s)?|thickening of the pleura|calcified pleura|(?:fissural|fissure) "
+     r"apical cap(?:ping|s)?|thickening of (?:the )?pleura|calcified pleura|(?:fissural|fissure) "
      r"thickening|thicken(?:ed|ing) (?:of |in )?(?:the )?(?:\w+ )?fissures?|pleural "
      r"(?:abnormalit(?:y|ies)|disease)|(?:calcified )?pleural plaques?"),
     ((EFF,), "pleural effusion",
-     r"(?:pleural )?eff?usions?|pleural fluid|hydrothorax|fluid in the (?:(?:right|left|minor|major"
+     r"(?:pleural )?eff?usions?|pleural fluid|hydrothorax|fluid in (?:the )?(?:(?:right|left|minor|major"
      r"|horizontal) )?(?:fissure|pleural space)|subpulmonic (?:effusion|fluid)|"
      r"loculated fluid|layering fluid"),
     # --- Edema
@@ -82,7 +82,7 @@ TERMS: list[tuple[tuple[str, ...], str, str]] = [
      r"cephalization|kerley b? ?lines|(?:vascular|vasculature|vascularity) (?:indistinctness|"
      r"plethora|prominence|redistribution|congestive changes?)|congestive changes?|"
      r"(?:pulmonary )?venous hypertension|(?:early|cardiac|heart|left heart|overt) failure|"
-     r"(?:prominen(?:t|ce of the)|engorged|increased|indistinct|distended) (?:central )?"
+     r"(?:prominent|prominence of (?:the )?|engorged|increased|indistinct|distended) (?:central )?"
      r"(?:pulmonary |lung )?(?:vasculature|vascularity|vessels|vascular markings)"),
     # --- Consolidation / pneumonia
     ((CO,), "consolidation", r"consolidat(?:ion|ions|ive|ed|ing)"),
@@ -118,7 +118,7 @@ TERMS: list[tuple[tuple[str, ...], str, str]] = [
      r"(?:chest|venous|infusion|right chest|left chest|subcutaneous) ports?|catheters?"),
     ((SD,), "tube",
      r"(?:endotracheal|et|nasogastric|ng|orogastric|og|enteric|feeding|dobhoff|gastric|chest|"
-     r"thoracostomy|tracheostomy|trach|g-|j-|gastrostomy|pigtail) ?tubes?|tracheostomy|"
+     r"thoracostomy|tracheostomy|trach|g-|j-|gastrostomy|pigtail) ?tubes?|tracheostomy|ett|ngt|ogt|"
      r"(?:pleural |chest |surgical |mediastinal )?drains?|pleurx"),
     ((SD,), "sternotomy wires",
      r"(?:median |midline )?sternotomy(?: wires?| sutures?| clips?)?|sternal (?:wires?|sutures?|"
@@ -166,7 +166,7 @@ PREDICATE_SUBJECTS: list[tuple[tuple[str, ...], str, str]] = [
      r"(?:vessels|arteries|xxxx|veins)"),
     ((CM,), "heart size",
      r"(?:the )?(?:heart|cardiac|cardiac silhouette|cardiac shadow|heart shadow|cardiac contours?|"
-     r"heart silhouette|cardiac size|heart size|size of the heart)(?: size)?"),
+     r"heart silhouette|cardiac size|heart size|size of (?:the )?heart)(?: size)?"),
     ((NF,), "chest",
      r"(?:the )?chest(?: (?:x-?ray|radiographs?|films?|study|exam(?:ination)?|x-xxxx|xxxx))?"),
 ]
@@ -286,7 +286,7 @@ NEGATION_PRE_CUES = [
     r"measurable|substantial|specific|dense|typical|of|for|to suggest|suggestion of|"
     r"any|remaining|longer|recurrence))*",
     r"(?:negative for|free of|clear of|clearing of|absence of|absent|resolution of|resolved|"
-    r"removal of|interval removal of|rules out|ruled out|not|nor|neither)",
+    r"removal of|interval removal of|rules out|ruled out|not|nor|neither|w/o)",
 ]
 # Cues that look both ways ("atelectasis versus pneumonia": both uncertain).
 UNCERTAIN_BOTH_CUES = [r"versus", r"vs\.?", r"or less likely", r"and/or"]
@@ -302,6 +302,7 @@ TERMINATORS = [
     r"other than",
     r"which",
     r"with",
+    r"w/(?!o)",
     r"who",
     r"whereas",
     r"otherwise",
@@ -328,6 +329,11 @@ LATERALITY = {
     "biapical": "bilateral",
     "bibasally": "bilateral",
     "biapically": "bilateral",
+    "rul": "right",
+    "rml": "right",
+    "rll": "right",
+    "lul": "left",
+    "lll": "left",
 }
 SEVERITY = {
     "trace": "trace",
@@ -385,14 +391,14 @@ SYNONYMS: list[tuple[str, str]] = [
     ("cardiomegaly", "enlarged cardiac silhouette"),
     ("pleural effusion", "pleural fluid collection"),
     ("pleural effusions", "pleural fluid collections"),
-    ("pneumothorax", "collapsed lung from pleural air"),
+    ("pneumothorax", "pleural air collection"),
     ("atelectasis", "atelectatic change"),
     ("consolidation", "consolidative change"),
     ("pulmonary edema", "pulmonary oedema"),
     ("vascular congestion", "vascular engorgement"),
     ("opacity", "opacification"),
     ("opacities", "areas of opacification"),
-    ("nodule", "nodular opacity"),
+    ("nodule", "nodular lesion"),
     ("heart size is normal", "heart is normal in size"),
     ("lungs are clear", "lungs are free of focal disease"),
     ("within normal limits", "normal"),
@@ -444,7 +450,7 @@ GRAPH_FINDINGS: list[tuple[str, str]] = [
     ("hiatal hernia", r"hiatal hernia|hiatus hernia"),
     ("tortuous aorta", r"(?:tortuous|ectatic|unfolded) (?:thoracic )?aorta|aortic (?:tortuosity|ectasia)"),
     ("elevated hemidiaphragm",
-     r"elevat(?:ed|ion of the) (?:right |left )?(?:hemi)?diaphragms?|diaphragmatic eventration|"
+     r"elevat(?:ed|ion of (?:the )?)(?:right |left )?(?:hemi)?diaphragms?|diaphragmatic eventration|"
      r"eventration"),
     ("hilar prominence", r"hilar (?:prominence|fullness|enlargement)|prominent hil(?:a|um|ar)"),
     ("lymphadenopathy", r"(?:lymph)?adenopathy|enlarged lymph nodes?"),

@@ -277,6 +277,18 @@ def _sections(text: str) -> dict[str, str]:
     return out
 
 
+def _replace_outside(text: str, src: str, dst: str) -> str:
+    """Replace ``src`` by ``dst`` except where ``src`` is already part of a ``dst`` phrase."""
+    inside = [m.span() for m in re.finditer(rf"\b{re.escape(dst)}\b", text, re.IGNORECASE)]
+    out, last = [], 0
+    for m in re.finditer(rf"\b{re.escape(src)}\b", text, re.IGNORECASE):
+        if any(a <= m.start() and m.end() <= b for a, b in inside):
+            continue
+        out.append(text[last : m.start()] + dst)
+        last = m.end()
+    return "".join(out) + text[last:]
+
+
 def _capitalise_sentences(text: str) -> str:
     return re.sub(r"(^|[.!?]\s+)([a-z])", lambda m: m.group(1) + m.group(2).upper(), text)
 
@@ -304,6 +316,7 @@ def _candidates(text: str, rng) -> list[Variant]:
     if new != text:
         out.append(Variant(new, "telegraphic", "dropped articles and copulas"))
     sents = [text[a:b].strip() for a, b in _sentences(text) if text[a:b].strip()]
+    sents = [x if x.endswith((".", "!", "?")) else x + "." for x in sents]
     if len(sents) >= 2:
         order = _shuffled(rng, list(range(len(sents))))
         if order != sorted(order):
@@ -315,7 +328,7 @@ def _candidates(text: str, rng) -> list[Variant]:
                 pairs.append((src, dst))
     if pairs:
         src, dst = _choice(rng, pairs)
-        new = re.sub(rf"\b{re.escape(src)}\b", dst, text, flags=re.IGNORECASE)
+        new = _replace_outside(text, src, dst)
         out.append(Variant(_capitalise_sentences(new), "synonym", f"{src} -> {dst}"))
     secs = _sections(text)
     if secs.get("impression") and secs.get("findings"):
