@@ -59,7 +59,11 @@ def main() -> int:
         r"\b(?:" + "|".join(f"(?P<{n}>{rx})" for n, rx in lb._MENTION_ALTS) + ")"
     )
     plain_cues = re.compile(
-        r"\b(?:" + "|".join(f"(?:{f})" for _k, fr in lb._CUE_ORDER for f in fr if f[0].isalpha() or f[0] == "(") + ")"
+        r"\b(?:"
+        + "|".join(
+            f"(?:{f})" for _k, fr in lb._CUE_ORDER for f in fr if f[0].isalpha() or f[0] == "("
+        )
+        + ")"
     )
 
     def plain(t: str) -> None:

@@ -94,7 +94,11 @@ def label_shards(spec: str, graphs: bool = True, progress: bool = True) -> dict:
         part = parts_dir / f"{shard.name}.jsonl"
         if part.is_file():
             n = sum(1 for _ in part.open(encoding="utf-8"))
-            done = json.loads(part.with_suffix(".done").read_text()) if part.with_suffix(".done").is_file() else None
+            done = (
+                json.loads(part.with_suffix(".done").read_text())
+                if part.with_suffix(".done").is_file()
+                else None
+            )
             if done and done.get("lines") == n:
                 counts["samples"] += done["samples"]
                 counts["bad"] += done["bad"]
@@ -123,9 +127,7 @@ def label_shards(spec: str, graphs: bool = True, progress: bool = True) -> dict:
         counts["samples"] += len(lines)
         counts["bad"] += bad
     bar.close()
-    merged = "".join(
-        (parts_dir / f"{s.name}.jsonl").read_text(encoding="utf-8") for s in shards
-    )
+    merged = "".join((parts_dir / f"{s.name}.jsonl").read_text(encoding="utf-8") for s in shards)
     _atomic_write(root / "labels.jsonl", merged)
     meta = {
         "format": LABELS_FORMAT,
@@ -191,10 +193,16 @@ def _cmd_show(args: argparse.Namespace) -> int:
     text = Path(args.file).read_text(encoding="utf-8") if args.file else (args.text or "")
     res = Labeler().label(text)
     for m in res.mentions:
-        attrs = ", ".join(f"{k}={v}" for k, v in (("laterality", m.laterality),
-                                                    ("severity", m.severity),
-                                                    ("size", m.measurement)) if v)
-        print(f"{m.observation:27s} {m.status:9s} {text[m.span[0]:m.span[1]]!r} {attrs}")
+        attrs = ", ".join(
+            f"{k}={v}"
+            for k, v in (
+                ("laterality", m.laterality),
+                ("severity", m.severity),
+                ("size", m.measurement),
+            )
+            if v
+        )
+        print(f"{m.observation:27s} {m.status:9s} {text[m.span[0] : m.span[1]]!r} {attrs}")
     print("vector:", json.dumps(res.vector))
     print("graph:", ReportGraph.from_report(text).to_json())
     print("negated:", negate(text))

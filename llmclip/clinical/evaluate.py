@@ -70,7 +70,7 @@ class Evaluation:
             f"{'class':28s} {'support':>7s} {'pred':>6s} {'P':>6s} {'R':>6s} {'F1':>6s}",
         ]
         for s in self.scores:
-            mark = "" if s.support >= self.min_support else "  (support < %d)" % self.min_support
+            mark = "" if s.support >= self.min_support else f"  (support < {self.min_support})"
             lines.append(
                 f"{s.name:28s} {s.support:7d} {s.predicted:6d} {s.precision:6.3f} "
                 f"{s.recall:6.3f} {s.f1:6.3f}{mark}"

@@ -67,8 +67,12 @@ GRAPH_VOCAB_SHA = hashlib.sha256("\n".join(GRAPH_VOCAB).encode()).hexdigest()[:1
 _VOCAB_INDEX = {w: i for i, w in enumerate(GRAPH_VOCAB)}
 _STATUS_RANK = {"negative": 0, "uncertain": 1, "positive": 2}
 
-_EXTRA = WordStartMatcher([(f"g{i}", f"(?:{rx})(?!\\w)") for i, (_n, rx) in enumerate(lx.GRAPH_FINDINGS)])
-_ANATOMY = WordStartMatcher([(f"a{i}", f"(?:{rx})(?!\\w)") for i, (_n, rx) in enumerate(lx.ANATOMY)])
+_EXTRA = WordStartMatcher(
+    [(f"g{i}", f"(?:{rx})(?!\\w)") for i, (_n, rx) in enumerate(lx.GRAPH_FINDINGS)]
+)
+_ANATOMY = WordStartMatcher(
+    [(f"a{i}", f"(?:{rx})(?!\\w)") for i, (_n, rx) in enumerate(lx.ANATOMY)]
+)
 _SUGGESTIVE = re.compile(rf"\b(?:{lx.SUGGESTIVE_CUES})\b")
 _LATERALITY_NEAR = re.compile(r"\b(left|right|bilateral|bilaterally|both)\s+(?:\w+\s+)?$")
 _LOCATE_BEFORE = 50
@@ -124,9 +128,7 @@ class ReportGraph:
         """Stable JSON (sorted keys, no spaces)."""
         doc = {
             "format": "llmclip-report-graph/1",
-            "nodes": [
-                {k: v for k, v in vars(n).items() if v is not None} for n in self.nodes
-            ],
+            "nodes": [{k: v for k, v in vars(n).items() if v is not None} for n in self.nodes],
             "edges": [[e.src, e.dst, e.relation] for e in self.edges],
         }
         return json.dumps(doc, sort_keys=True, separators=(",", ":"))
@@ -171,7 +173,9 @@ class ReportGraph:
             "edge_index": np.array(
                 [[x.src for x in self.edges], [x.dst for x in self.edges]], dtype=np.int64
             ).reshape(2, e),
-            "edge_type": np.array([RELATIONS.index(x.relation) for x in self.edges], dtype=np.int64),
+            "edge_type": np.array(
+                [RELATIONS.index(x.relation) for x in self.edges], dtype=np.int64
+            ),
         }
         out["node_token"] = out["node_token"].reshape(n)
         return out
@@ -253,7 +257,9 @@ def _build(text: str) -> ReportGraph:
         anatomy.append((m.start(), m.end(), ctx.sentence_index(m.start()), key))
         lat = _LATERALITY_NEAR.search(low, max(0, m.start() - 25), m.start())
         if lat:
-            value = {"bilaterally": "bilateral", "both": "bilateral"}.get(lat.group(1), lat.group(1))
+            value = {"bilaterally": "bilateral", "both": "bilateral"}.get(
+                lat.group(1), lat.group(1)
+            )
             b.edge(b.node("modifier", value), key, "modify")
     entities.sort()
     for start, end, si, key in entities:
@@ -271,7 +277,7 @@ def _build(text: str) -> ReportGraph:
                 best = (d, a_key)
         if best:
             b.edge(key, best[1], "located_at")
-    for i, (s1, e1, si1, k1) in enumerate(entities):
+    for i, (_s1, e1, si1, k1) in enumerate(entities):
         for s2, _e2, si2, k2 in entities[i + 1 :]:
             if si2 != si1:
                 break

@@ -100,14 +100,19 @@ def _wrap(fragment: str) -> str:
     return f"{left}(?:{fragment})(?!\\w)"
 
 
-def _mention_alternatives() -> tuple[list[tuple[str, str]], dict[str, tuple[tuple[str, ...], str, str]]]:
+def _mention_alternatives() -> tuple[
+    list[tuple[str, str]], dict[str, tuple[tuple[str, ...], str, str]]
+]:
     alts: list[tuple[str, str]] = []
     groups: dict[str, tuple[tuple[str, ...], str, str]] = {}
     pred = f"(?:{lx.PREDICATE_BORDERLINE}|{lx.PREDICATE_NORMAL}|{lx.PREDICATE_POSITIVE})"
     for i, (obs, term, subject) in enumerate(lx.PREDICATE_SUBJECTS):
         name = f"p{i}"
         alts.append(
-            (name, f"(?:{subject}){lx.PREDICATE_GAP}\\s+(?P<{name}w>{lx.PREDICATE_ADVERBS}(?:{pred})(?!\\w))")
+            (
+                name,
+                f"(?:{subject}){lx.PREDICATE_GAP}\\s+(?P<{name}w>{lx.PREDICATE_ADVERBS}(?:{pred})(?!\\w))",
+            )
         )
         groups[name] = (obs, term, "predicate")
     for i, (obs, term, subject) in enumerate(lx.PREFIX_SUBJECTS):
@@ -172,6 +177,8 @@ def _attribute_words(low: str) -> list[tuple[int, int, str, str]]:
             unit = "cm" if m.group("unit").startswith("c") else "mm"
             out.append((m.start(), m.end(), "meas", f"{m.group('num')} {unit}"))
     return out
+
+
 _BORDERLINE_RE = re.compile(lx.PREDICATE_BORDERLINE, re.IGNORECASE)
 _NORMAL_WORD_RE = re.compile(r"\b(?:normal|unremarkable|within)", re.IGNORECASE)
 _ABNORMAL_RE = re.compile(r"\babnormal\b", re.IGNORECASE)
@@ -249,7 +256,7 @@ class TextContext:
         return max(0, bisect_right(self.sent_starts, pos) - 1)
 
     def status(self, start: int, end: int) -> str:
-        """"positive", "negative" or "uncertain" for a finding phrase at [start, end)."""
+        """ "positive", "negative" or "uncertain" for a finding phrase at [start, end)."""
         s_start, s_end = self.sents[self.sentence_index(start)]
         return Labeler._status(self.cues, self.cue_starts, start, end, s_start, s_end)[0]
 

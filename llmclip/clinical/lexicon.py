@@ -34,112 +34,169 @@ NF, ECM, CM, LL, LO, ED, CO, PNA, AT, PTX, EFF, PO, FX, SD = CHEXPERT_CLASSES
 TERMS: list[tuple[tuple[str, ...], str, str]] = [
     # --- No Finding: "no acute cardiopulmonary process" is a *positive* No Finding mention; the
     # labeler inverts the status of these phrases (see labeler.INVERTED).
-    ((NF,), "acute cardiopulmonary abnormality",
-     r"acute (?:(?:cardiopulmonary|cardio-pulmonary|pulmonary|intrathoracic|thoracic|chest|"
-     r"radiographic|cardiac or pulmonary|cardiac|lung|osseous or cardiopulmonary) )*"
-     r"(?:abnormalit(?:y|ies)|disease|process(?:es)?|findings?|pathology|pathologic findings?)"),
+    (
+        (NF,),
+        "acute cardiopulmonary abnormality",
+        r"acute (?:(?:cardiopulmonary|cardio-pulmonary|pulmonary|intrathoracic|thoracic|chest|"
+        r"radiographic|cardiac or pulmonary|cardiac|lung|osseous or cardiopulmonary) )*"
+        r"(?:abnormalit(?:y|ies)|disease|process(?:es)?|findings?|pathology|pathologic findings?)",
+    ),
     ((NF,), "active disease", r"active (?:cardiopulmonary |pulmonary |lung )?disease"),
     # --- Enlarged Cardiomediastinum
-    ((ECM,), "widened mediastinum",
-     r"(?:widened|widening of (?:the )?|enlarged|enlargement of (?:the )?)(?:superior )?"
-     r"(?:mediastinum|mediastinal (?:silhouette|contours?|shadow|width))"),
+    (
+        (ECM,),
+        "widened mediastinum",
+        r"(?:widened|widening of (?:the )?|enlarged|enlargement of (?:the )?)(?:superior )?"
+        r"(?:mediastinum|mediastinal (?:silhouette|contours?|shadow|width))",
+    ),
     ((ECM,), "mediastinal widening", r"mediastinal (?:widening|enlargement|prominence)"),
     # --- Cardiomegaly
     ((CM,), "cardiomegaly", r"cardiomegal(?:y|ly|ic)|cardiac megaly"),
-    ((CM,), "enlarged heart",
-     r"(?:enlarged|large|prominent|globular) (?:heart|cardiac (?:silhouette|shadow|size|contours?))"
-     r"(?: size)?|(?:cardiac|heart) enlargement|enlargement of (?:the )?(?:heart|cardiac "
-     r"(?:silhouette|shadow))"),
+    (
+        (CM,),
+        "enlarged heart",
+        r"(?:enlarged|large|prominent|globular) (?:heart|cardiac (?:silhouette|shadow|size|contours?))"
+        r"(?: size)?|(?:cardiac|heart) enlargement|enlargement of (?:the )?(?:heart|cardiac "
+        r"(?:silhouette|shadow))",
+    ),
     # --- Lung Lesion
-    ((LL, LO), "nodular opacity",
-     r"(?:nodular|rounded|round|masslike|mass-like) (?:densit(?:y|ies)|opacit(?:y|ies)|"
-     r"opacification)|nodular (?:infiltrates?|consolidation)"),
+    (
+        (LL, LO),
+        "nodular opacity",
+        r"(?:nodular|rounded|round|masslike|mass-like) (?:densit(?:y|ies)|opacit(?:y|ies)|"
+        r"opacification)|nodular (?:infiltrates?|consolidation)",
+    ),
     ((LL,), "nodule", r"(?:micro)?nodules?|nodular lesions?|nodularit(?:y|ies)"),
     ((LL,), "mass", r"mass(?:es)?(?! effect)|mass lesions?|masslike|mass-like"),
-    ((LL,), "tumor",
-     r"tumou?rs?|neoplasms?|neoplastic|carcinomas?|malignanc(?:y|ies)|metastas[ie]s|metastatic "
-     r"disease|(?:lung|pulmonary|cavitary|cavitating|parenchymal|spiculated) lesions?"),
+    (
+        (LL,),
+        "tumor",
+        r"tumou?rs?|neoplasms?|neoplastic|carcinomas?|malignanc(?:y|ies)|metastas[ie]s|metastatic "
+        r"disease|(?:lung|pulmonary|cavitary|cavitating|parenchymal|spiculated) lesions?",
+    ),
     # --- Pneumothorax / effusion (hydropneumothorax first: it names both)
     ((PTX, EFF), "hydropneumothorax", r"hydro-?pneumothora(?:x|ces)|hemopneumothorax"),
     ((PTX,), "pneumothorax", r"pneumo-?thora(?:x|ces|xes)|pneumothoraxes|ptx|pleural air"),
     # --- Pleural Other before Pleural Effusion so "pleural thickening" is not read as effusion
-    ((PO,), "pleural thickening",
-     r"pleural (?:thickening|scarring|scar|plaques?|calcifications?|reaction|fibrosis)|"
-     r"pleural[- ]parenchymal (?:scarring|scar|thickening|changes?)|pleuroparenchymal "
-     r"(?:scarring|scar|thickening|changes?)|fibrothorax|(?:apical )?pleural cap(?:ping|s)?|"
-     r"apical cap(?:ping|s)?|thickening of (?:the )?pleura|calcified pleura|(?:fissural|fissure) "
-     r"thickening|thicken(?:ed|ing) (?:of |in )?(?:the )?(?:\w+ )?fissures?|pleural "
-     r"(?:abnormalit(?:y|ies)|disease)|(?:calcified )?pleural plaques?"),
-    ((EFF,), "pleural effusion",
-     r"(?:pleural )?eff?usions?|pleural fluid|hydrothorax|fluid in (?:the )?(?:(?:right|left|minor|major"
-     r"|horizontal) )?(?:fissure|pleural space)|subpulmonic (?:effusion|fluid)|"
-     r"loculated fluid|layering fluid"),
+    (
+        (PO,),
+        "pleural thickening",
+        r"pleural (?:thickening|scarring|scar|plaques?|calcifications?|reaction|fibrosis)|"
+        r"pleural[- ]parenchymal (?:scarring|scar|thickening|changes?)|pleuroparenchymal "
+        r"(?:scarring|scar|thickening|changes?)|fibrothorax|(?:apical )?pleural cap(?:ping|s)?|"
+        r"apical cap(?:ping|s)?|thickening of (?:the )?pleura|calcified pleura|(?:fissural|fissure) "
+        r"thickening|thicken(?:ed|ing) (?:of |in )?(?:the )?(?:\w+ )?fissures?|pleural "
+        r"(?:abnormalit(?:y|ies)|disease)|(?:calcified )?pleural plaques?",
+    ),
+    (
+        (EFF,),
+        "pleural effusion",
+        r"(?:pleural )?eff?usions?|pleural fluid|hydrothorax|fluid in (?:the )?(?:(?:right|left|minor|major"
+        r"|horizontal) )?(?:fissure|pleural space)|subpulmonic (?:effusion|fluid)|"
+        r"loculated fluid|layering fluid",
+    ),
     # --- Edema
-    ((ED,), "pulmonary edema",
-     r"(?:pulmonary |interstitial |alveolar |airspace |perihilar )?oedema|(?<!soft tissue )"
-     r"(?<!subcutaneous )edema(?:tous)?|(?:(?:vascular|venous|pulmonary|vasculature|perihilar) )?"
-     r"(?:congestion|engorgement)|(?:congestive )?(?:heart|cardiac) failure|chf|fluid overload|"
-     r"cephalization|kerley b? ?lines|(?:vascular|vasculature|vascularity) (?:indistinctness|"
-     r"plethora|prominence|redistribution|congestive changes?)|congestive changes?|"
-     r"(?:pulmonary )?venous hypertension|(?:early|cardiac|heart|left heart|overt) failure|"
-     r"(?:prominent|prominence of (?:the )?|engorged|increased|indistinct|distended) (?:central )?"
-     r"(?:pulmonary |lung )?(?:vasculature|vascularity|vessels|vascular markings)"),
+    (
+        (ED,),
+        "pulmonary edema",
+        r"(?:pulmonary |interstitial |alveolar |airspace |perihilar )?oedema|(?<!soft tissue )"
+        r"(?<!subcutaneous )edema(?:tous)?|(?:(?:vascular|venous|pulmonary|vasculature|perihilar) )?"
+        r"(?:congestion|engorgement)|(?:congestive )?(?:heart|cardiac) failure|chf|fluid overload|"
+        r"cephalization|kerley b? ?lines|(?:vascular|vasculature|vascularity) (?:indistinctness|"
+        r"plethora|prominence|redistribution|congestive changes?)|congestive changes?|"
+        r"(?:pulmonary )?venous hypertension|(?:early|cardiac|heart|left heart|overt) failure|"
+        r"(?:prominent|prominence of (?:the )?|engorged|increased|indistinct|distended) (?:central )?"
+        r"(?:pulmonary |lung )?(?:vasculature|vascularity|vessels|vascular markings)",
+    ),
     # --- Consolidation / pneumonia
     ((CO,), "consolidation", r"consolidat(?:ion|ions|ive|ed|ing)"),
-    ((PNA,), "pneumonia",
-     r"pneumonias?|pneumonitis|bronchopneumonia|pna|(?<!granulomatous )(?<!prior )(?<!old )"
-     r"(?<!tuberculous )(?<!tuberculosis )(?<!previous )(?<!remote )(?<!fungal )infections?|infectious (?:process|etiology|"
-     r"disease|infiltrate)|aspiration"),
+    (
+        (PNA,),
+        "pneumonia",
+        r"pneumonias?|pneumonitis|bronchopneumonia|pna|(?<!granulomatous )(?<!prior )(?<!old )"
+        r"(?<!tuberculous )(?<!tuberculosis )(?<!previous )(?<!remote )(?<!fungal )infections?|infectious (?:process|etiology|"
+        r"disease|infiltrate)|aspiration",
+    ),
     # --- Atelectasis
-    ((AT,), "atelectasis",
-     r"atelecta(?:sis|ses|tic)|atelctasis|atelectsis|atalectasis|ateletasis|"
-     r"(?:lobar|lung|lobe|segmental|subsegmental) collapse|collapsed? (?:lung|lobe)"),
+    (
+        (AT,),
+        "atelectasis",
+        r"atelecta(?:sis|ses|tic)|atelctasis|atelectsis|atalectasis|ateletasis|"
+        r"(?:lobar|lung|lobe|segmental|subsegmental) collapse|collapsed? (?:lung|lobe)",
+    ),
     # --- Lung Opacity (broad, as in CheXpert: opacities, infiltrates, densities, airspace disease,
     # interstitial markings, scarring)
-    ((LO,), "opacity",
-     r"opacit(?:y|ies)|opacification|opacified|infiltrat(?:e|es|ion|ive)|(?<!bone )"
-     r"(?<!bony )densit(?:y|ies)|air[- ]?space (?:disease|process|filling|opacit(?:y|ies))|"
-     r"haz(?:e|iness|y opacit(?:y|ies))|ground[- ]glass|(?:interstitial|reticular|"
-     r"reticulonodular|coarse(?:ned)?) (?:markings?|prominence|pattern|changes?|lung disease|"
-     r"thickening|opacities)|increased (?:interstitial |lung |pulmonary )?markings|reticulation|"
-     r"(?:parenchymal |pulmonary |lung |linear |apical |basilar |streaky )?scar(?:ring|s)?|"
-     r"fibrotic changes?|fibrosis"),
+    (
+        (LO,),
+        "opacity",
+        r"opacit(?:y|ies)|opacification|opacified|infiltrat(?:e|es|ion|ive)|(?<!bone )"
+        r"(?<!bony )densit(?:y|ies)|air[- ]?space (?:disease|process|filling|opacit(?:y|ies))|"
+        r"haz(?:e|iness|y opacit(?:y|ies))|ground[- ]glass|(?:interstitial|reticular|"
+        r"reticulonodular|coarse(?:ned)?) (?:markings?|prominence|pattern|changes?|lung disease|"
+        r"thickening|opacities)|increased (?:interstitial |lung |pulmonary )?markings|reticulation|"
+        r"(?:parenchymal |pulmonary |lung |linear |apical |basilar |streaky )?scar(?:ring|s)?|"
+        r"fibrotic changes?|fibrosis",
+    ),
     # --- Fracture
     ((FX,), "fracture", r"fractures?|fractured|fx|fxs"),
     # --- Support Devices: tubes, lines, catheters, implanted devices, surgical hardware
-    ((SD,), "pacemaker",
-     r"pacemakers?|pacers?|pacing (?:device|leads?|wires?|generator)|(?:cardiac |transvenous )?"
-     r"(?:pacemaker |pacer |icd |defibrillator )?leads?|icds?|aicds?|defibrillators?|"
-     r"(?:loop|cardiac) recorders?|generator (?:pack|device)"),
-    ((SD,), "central line",
-     r"(?:central venous|central|venous|picc|pic|port|swan[- ]ganz|pulmonary artery|arterial|"
-     r"dialysis|hemodialysis|(?:internal )?jugular|subclavian|midline|catheter) "
-     r"(?:lines?|catheters?)|piccs?|port-?a-?caths?|portacaths?|mediports?|power ?ports?|"
-     r"(?:chest|venous|infusion|right chest|left chest|subcutaneous) ports?|catheters?"),
-    ((SD,), "tube",
-     r"(?:endotracheal|et|nasogastric|ng|orogastric|og|enteric|feeding|dobhoff|gastric|chest|"
-     r"thoracostomy|tracheostomy|trach|g-|j-|gastrostomy|pigtail) ?tubes?|tracheostomy|ett|ngt|ogt|"
-     r"(?:pleural |chest |surgical |mediastinal )?drains?|pleurx"),
-    ((SD,), "sternotomy wires",
-     r"(?:median |midline )?sternotomy(?: wires?| sutures?| clips?)?|sternal (?:wires?|sutures?|"
-     r"clips?)|cerclage wires?"),
-    ((SD,), "surgical clips",
-     r"(?:surgical|vascular|cholecystectomy|metallic|postsurgical|post-surgical|axillary) clips?|"
-     r"clips|staples?|suture (?:material|line)s?|surgical (?:sutures?|hardware|material)"),
-    ((SD,), "prosthetic valve",
-     r"(?:prosthetic|mechanical|bioprosthetic|artificial) (?:aortic |mitral )?valves?|"
-     r"(?:aortic|mitral|tricuspid) valve (?:replacement|prosthesis|repair|annuloplasty)|"
-     r"valve replacement|annuloplasty ring"),
+    (
+        (SD,),
+        "pacemaker",
+        r"pacemakers?|pacers?|pacing (?:device|leads?|wires?|generator)|(?:cardiac |transvenous )?"
+        r"(?:pacemaker |pacer |icd |defibrillator )?leads?|icds?|aicds?|defibrillators?|"
+        r"(?:loop|cardiac) recorders?|generator (?:pack|device)",
+    ),
+    (
+        (SD,),
+        "central line",
+        r"(?:central venous|central|venous|picc|pic|port|swan[- ]ganz|pulmonary artery|arterial|"
+        r"dialysis|hemodialysis|(?:internal )?jugular|subclavian|midline|catheter) "
+        r"(?:lines?|catheters?)|piccs?|port-?a-?caths?|portacaths?|mediports?|power ?ports?|"
+        r"(?:chest|venous|infusion|right chest|left chest|subcutaneous) ports?|catheters?",
+    ),
+    (
+        (SD,),
+        "tube",
+        r"(?:endotracheal|et|nasogastric|ng|orogastric|og|enteric|feeding|dobhoff|gastric|chest|"
+        r"thoracostomy|tracheostomy|trach|g-|j-|gastrostomy|pigtail) ?tubes?|tracheostomy|ett|ngt|ogt|"
+        r"(?:pleural |chest |surgical |mediastinal )?drains?|pleurx",
+    ),
+    (
+        (SD,),
+        "sternotomy wires",
+        r"(?:median |midline )?sternotomy(?: wires?| sutures?| clips?)?|sternal (?:wires?|sutures?|"
+        r"clips?)|cerclage wires?",
+    ),
+    (
+        (SD,),
+        "surgical clips",
+        r"(?:surgical|vascular|cholecystectomy|metallic|postsurgical|post-surgical|axillary) clips?|"
+        r"clips|staples?|suture (?:material|line)s?|surgical (?:sutures?|hardware|material)",
+    ),
+    (
+        (SD,),
+        "prosthetic valve",
+        r"(?:prosthetic|mechanical|bioprosthetic|artificial) (?:aortic |mitral )?valves?|"
+        r"(?:aortic|mitral|tricuspid) valve (?:replacement|prosthesis|repair|annuloplasty)|"
+        r"valve replacement|annuloplasty ring",
+    ),
     ((SD,), "stent", r"stents?|stent-?grafts?|endografts?|ivc filters?"),
-    ((SD,), "orthopedic hardware",
-     r"(?:orthopedic |orthopaedic |fixation |spinal fusion |fusion |postoperative |metallic )?"
-     r"hardware|fixation (?:plates?|screws?|rods?|devices?)|(?:pedicle |surgical )?screws|plates? "
-     r"and screws|spinal (?:fusion|rods?)|(?:intramedullary |harrington )?rods?|arthroplast(?:y|ies)"
-     r"|(?:shoulder|humeral) (?:prosthesis|replacement)"),
-    ((SD,), "medical device",
-     r"(?:support|monitoring|medical|implanted|implantable|cardiac|electronic) (?:devices?|"
-     r"apparatus|equipment)|(?:ecg|ekg|telemetry) (?:leads?|wires?)|devices?|coils?|"
-     r"balloon pump|iabp|lvad|left ventricular assist device|impella|ecmo (?:cannula)?|cannulas?"),
+    (
+        (SD,),
+        "orthopedic hardware",
+        r"(?:orthopedic |orthopaedic |fixation |spinal fusion |fusion |postoperative |metallic )?"
+        r"hardware|fixation (?:plates?|screws?|rods?|devices?)|(?:pedicle |surgical )?screws|plates? "
+        r"and screws|spinal (?:fusion|rods?)|(?:intramedullary |harrington )?rods?|arthroplast(?:y|ies)"
+        r"|(?:shoulder|humeral) (?:prosthesis|replacement)",
+    ),
+    (
+        (SD,),
+        "medical device",
+        r"(?:support|monitoring|medical|implanted|implantable|cardiac|electronic) (?:devices?|"
+        r"apparatus|equipment)|(?:ecg|ekg|telemetry) (?:leads?|wires?)|devices?|coils?|"
+        r"balloon pump|iabp|lvad|left ventricular assist device|impella|ecmo (?:cannula)?|cannulas?",
+    ),
 ]
 
 # Subject + predicate phrases ("the heart is mildly enlarged", "heart size is normal") and prefixed
@@ -148,27 +205,45 @@ TERMS: list[tuple[tuple[str, ...], str, str]] = [
 # "chest" subject (No Finding), "normal" means No Finding present and "abnormal" means absent.
 # negate() flips a predicate by replacing its word (normal <-> enlarged / abnormal).
 PREDICATE_SUBJECTS: list[tuple[tuple[str, ...], str, str]] = [
-    ((CM, ECM), "cardiomediastinal silhouette",
-     r"(?:the )?(?:heart size|cardiac size|heart|cardiac silhouette) and (?:the )?mediastinal "
-     r"(?:contours?|silhouettes?|width)|"
-     r"(?:the )?(?:cardiac and mediastinal|heart and mediastinal|mediastinal and cardiac|"
-     r"cardiomediastinal|cardio-mediastinal|cardiomedistinal) (?:silhouettes?|contours?|shadows?|"
-     r"size|structures)|(?:the )?heart and mediastinum"),
-    ((ECM,), "mediastinum",
-     r"(?:the )?mediastinal (?:silhouettes?|contours?|shadows?|size|width|structures)|"
-     r"(?:the )?(?:superior )?mediastinum"),
-    ((CM, ED), "heart size and pulmonary vascularity",
-     r"(?:the )?(?:heart|heart size|cardiac silhouette|cardiac size) and (?:the )?(?:pulmonary )?"
-     r"(?:vascularity|vasculature|vascular engorgement|vessels|vascular markings)"),
-    ((ED,), "pulmonary vascularity",
-     r"(?:the )?(?:central |upper lobe |perihilar )?(?:pulmonary |lung )?(?:vascularity|"
-     r"vasculature|vascular markings|venous markings)|(?:the )?(?:central )?pulmonary "
-     r"(?:vessels|arteries|xxxx|veins)"),
-    ((CM,), "heart size",
-     r"(?:the )?(?:heart|cardiac|cardiac silhouette|cardiac shadow|heart shadow|cardiac contours?|"
-     r"heart silhouette|cardiac size|heart size|size of (?:the )?heart)(?: size)?"),
-    ((NF,), "chest",
-     r"(?:the )?chest(?: (?:x-?ray|radiographs?|films?|study|exam(?:ination)?|x-xxxx|xxxx))?"),
+    (
+        (CM, ECM),
+        "cardiomediastinal silhouette",
+        r"(?:the )?(?:heart size|cardiac size|heart|cardiac silhouette) and (?:the )?mediastinal "
+        r"(?:contours?|silhouettes?|width)|"
+        r"(?:the )?(?:cardiac and mediastinal|heart and mediastinal|mediastinal and cardiac|"
+        r"cardiomediastinal|cardio-mediastinal|cardiomedistinal) (?:silhouettes?|contours?|shadows?|"
+        r"size|structures)|(?:the )?heart and mediastinum",
+    ),
+    (
+        (ECM,),
+        "mediastinum",
+        r"(?:the )?mediastinal (?:silhouettes?|contours?|shadows?|size|width|structures)|"
+        r"(?:the )?(?:superior )?mediastinum",
+    ),
+    (
+        (CM, ED),
+        "heart size and pulmonary vascularity",
+        r"(?:the )?(?:heart|heart size|cardiac silhouette|cardiac size) and (?:the )?(?:pulmonary )?"
+        r"(?:vascularity|vasculature|vascular engorgement|vessels|vascular markings)",
+    ),
+    (
+        (ED,),
+        "pulmonary vascularity",
+        r"(?:the )?(?:central |upper lobe |perihilar )?(?:pulmonary |lung )?(?:vascularity|"
+        r"vasculature|vascular markings|venous markings)|(?:the )?(?:central )?pulmonary "
+        r"(?:vessels|arteries|xxxx|veins)",
+    ),
+    (
+        (CM,),
+        "heart size",
+        r"(?:the )?(?:heart|cardiac|cardiac silhouette|cardiac shadow|heart shadow|cardiac contours?|"
+        r"heart silhouette|cardiac size|heart size|size of (?:the )?heart)(?: size)?",
+    ),
+    (
+        (NF,),
+        "chest",
+        r"(?:the )?chest(?: (?:x-?ray|radiographs?|films?|study|exam(?:ination)?|x-xxxx|xxxx))?",
+    ),
 ]
 # Words that may stand between the subject and the predicate.
 PREDICATE_GAP = (
@@ -203,15 +278,23 @@ PREFIX_WORDS = (
     r"borderline(?: enlarged)?|top[- ]normal|upper[- ]normal"
 )
 PREFIX_SUBJECTS: list[tuple[tuple[str, ...], str, str]] = [
-    ((CM, ECM), "cardiomediastinal silhouette",
-     r"(?:cardiac and mediastinal|heart and mediastinal|cardiomediastinal|cardio-mediastinal) "
-     r"(?:silhouettes?|contours?|shadows?|size)"),
-    ((ECM,), "mediastinum",
-     r"mediastinal (?:silhouettes?|contours?|shadows?|size|width)|(?:superior )?mediastinum"),
-    ((CM,), "heart size",
-     r"(?:heart|cardiac) (?:size|silhouette|shadow|contours?)|heart(?! and)"),
-    ((NF,), "chest",
-     r"chest(?: (?:x-?ray|radiographs?|films?|study|exam(?:ination)?|x-xxxx|xxxx))?"),
+    (
+        (CM, ECM),
+        "cardiomediastinal silhouette",
+        r"(?:cardiac and mediastinal|heart and mediastinal|cardiomediastinal|cardio-mediastinal) "
+        r"(?:silhouettes?|contours?|shadows?|size)",
+    ),
+    (
+        (ECM,),
+        "mediastinum",
+        r"mediastinal (?:silhouettes?|contours?|shadows?|size|width)|(?:superior )?mediastinum",
+    ),
+    ((CM,), "heart size", r"(?:heart|cardiac) (?:size|silhouette|shadow|contours?)|heart(?! and)"),
+    (
+        (NF,),
+        "chest",
+        r"chest(?: (?:x-?ray|radiographs?|films?|study|exam(?:ination)?|x-xxxx|xxxx))?",
+    ),
 ]
 
 # ---------------------------------------------------------------------------------------------
@@ -443,15 +526,22 @@ GRAPH_FINDINGS: list[tuple[str, str]] = [
     ("hyperinflation", r"hyperinflat(?:ion|ed)|hyperexpan(?:sion|ded)|hyperaerat(?:ion|ed)"),
     ("hypoinflation", r"hypoinflat(?:ion|ed)|low lung volumes?|hypoventilat(?:ion|ory)"),
     ("calcification", r"calcifications?|calcified (?:lymph nodes?|nodes?|plaques?)"),
-    ("degenerative change",
-     r"degenerative (?:changes?|disease|spondylosis|disc disease)|spondylosis|osteophytes?"),
+    (
+        "degenerative change",
+        r"degenerative (?:changes?|disease|spondylosis|disc disease)|spondylosis|osteophytes?",
+    ),
     ("scoliosis", r"scoliosis|(?:dextro|levo)(?:scoliosis|curvature)"),
     ("kyphosis", r"kyphosis|kyphotic"),
     ("hiatal hernia", r"hiatal hernia|hiatus hernia"),
-    ("tortuous aorta", r"(?:tortuous|ectatic|unfolded) (?:thoracic )?aorta|aortic (?:tortuosity|ectasia)"),
-    ("elevated hemidiaphragm",
-     r"elevat(?:ed|ion of (?:the )?)(?:right |left )?(?:hemi)?diaphragms?|diaphragmatic eventration|"
-     r"eventration"),
+    (
+        "tortuous aorta",
+        r"(?:tortuous|ectatic|unfolded) (?:thoracic )?aorta|aortic (?:tortuosity|ectasia)",
+    ),
+    (
+        "elevated hemidiaphragm",
+        r"elevat(?:ed|ion of (?:the )?)(?:right |left )?(?:hemi)?diaphragms?|diaphragmatic eventration|"
+        r"eventration",
+    ),
     ("hilar prominence", r"hilar (?:prominence|fullness|enlargement)|prominent hil(?:a|um|ar)"),
     ("lymphadenopathy", r"(?:lymph)?adenopathy|enlarged lymph nodes?"),
     ("pericardial effusion", r"pericardial (?:effusion|fluid)"),

@@ -112,10 +112,20 @@ _CUE_REPLACE = {
 }
 _POST_REPLACE = [
     (re.compile(r"\b(?:not|no longer|never)\s+", re.IGNORECASE), ""),
-    (re.compile(r"\bhave (?:since |now |completely |nearly )?(?:resolved|cleared|disappeared)\b",
-                re.IGNORECASE), "persist"),
-    (re.compile(r"\bhas (?:since |now |completely |nearly )?(?:resolved|cleared|disappeared)\b",
-                re.IGNORECASE), "persists"),
+    (
+        re.compile(
+            r"\bhave (?:since |now |completely |nearly )?(?:resolved|cleared|disappeared)\b",
+            re.IGNORECASE,
+        ),
+        "persist",
+    ),
+    (
+        re.compile(
+            r"\bhas (?:since |now |completely |nearly )?(?:resolved|cleared|disappeared)\b",
+            re.IGNORECASE,
+        ),
+        "persists",
+    ),
     (re.compile(r"\b(?:has been |have been |was |were )?removed\b", re.IGNORECASE), "in place"),
     (re.compile(r"\b(is|are|was|were) (?:absent|gone|excluded)\b", re.IGNORECASE), r"\1 present"),
 ]
@@ -255,14 +265,23 @@ def negate(text: str) -> str:
 # --------------------------------------------------------------------------------------------
 # Meaning-preserving rewrites.
 
-_ABBREV_TO_LONG = [(re.compile(rf"(?<![\w/]){re.escape(a)}(?![\w/])"), b) for a, b in lx.ABBREVIATIONS]
+_ABBREV_TO_LONG = [
+    (re.compile(rf"(?<![\w/]){re.escape(a)}(?![\w/])"), b) for a, b in lx.ABBREVIATIONS
+]
 _LONG_TO_ABBREV = [
-    (re.compile(rf"\b{re.escape(b)}\b", re.IGNORECASE), a) for a, b in lx.ABBREVIATIONS if len(b) > 4
+    (re.compile(rf"\b{re.escape(b)}\b", re.IGNORECASE), a)
+    for a, b in lx.ABBREVIATIONS
+    if len(b) > 4
 ]
 _TELEGRAPHIC = [
     (re.compile(r"\b(?:there|there's)\s+(?:is|are|has been|have been)\s+", re.IGNORECASE), ""),
     (re.compile(r"\b(?:the|a|an)\s+", re.IGNORECASE), ""),
-    (re.compile(r"\s+(?:is|are)\s+(?=(?:noted|seen|present|identified|again seen)\b)", re.IGNORECASE), " "),
+    (
+        re.compile(
+            r"\s+(?:is|are)\s+(?=(?:noted|seen|present|identified|again seen)\b)", re.IGNORECASE
+        ),
+        " ",
+    ),
 ]
 _SECTION = re.compile(r"\b(FINDINGS|IMPRESSION|CONCLUSION)\s*:\s*", re.IGNORECASE)
 
@@ -393,28 +412,47 @@ def confirm_edit(kind: str, before: Summary, after: Summary, target: str | None 
     d = diff(before, after)
     if kind == "finding_swap":
         # one finding changes identity: the new observation appears; the old one may vanish
-        return target in d and d[target] == ["status"] and len(d) <= 2 and all(
-            f == ["status"] for f in d.values()
+        return (
+            target in d
+            and d[target] == ["status"]
+            and len(d) <= 2
+            and all(f == ["status"] for f in d.values())
         )
     if len(d) != 1:
         return False
-    (obs, fields), = d.items()
+    ((obs, fields),) = d.items()
     if target is not None and obs != target:
         return False
     if kind == "negation_flip":
         return "status" in fields and before.get(obs, (None,))[0] != after.get(obs, (None,))[0]
     if kind in ("device_add", "device_remove"):
         return obs == "Support Devices" and bool(fields)
-    want = {"laterality_swap": "laterality", "severity_change": "severity",
-            "measurement_change": "measurement"}[kind]
+    want = {
+        "laterality_swap": "laterality",
+        "severity_change": "severity",
+        "measurement_change": "measurement",
+    }[kind]
     return fields == [want]
 
 
 _SEVERITY_SWAP = {
-    "trace": "large", "tiny": "large", "small": "large", "minimal": "extensive", "mild": "severe",
-    "mildly": "severely", "slight": "marked", "slightly": "markedly", "moderate": "mild",
-    "moderately": "mildly", "large": "small", "massive": "small", "severe": "mild",
-    "severely": "mildly", "marked": "mild", "markedly": "mildly", "borderline": "severe",
+    "trace": "large",
+    "tiny": "large",
+    "small": "large",
+    "minimal": "extensive",
+    "mild": "severe",
+    "mildly": "severely",
+    "slight": "marked",
+    "slightly": "markedly",
+    "moderate": "mild",
+    "moderately": "mildly",
+    "large": "small",
+    "massive": "small",
+    "severe": "mild",
+    "severely": "mildly",
+    "marked": "mild",
+    "markedly": "mildly",
+    "borderline": "severe",
 }
 _SEVERITY_WORD = re.compile(r"\b(" + "|".join(SEVERITY) + r")\b", re.IGNORECASE)
 _LATERALITY_WORD = re.compile(r"\b(" + "|".join(LATERALITY) + r")\b", re.IGNORECASE)
@@ -450,10 +488,20 @@ def _edit_candidates(text: str, result: LabelResult, rng) -> list[tuple[Variant,
         if edits:
             before = result.vector.get(obs)
             after = "negative" if before == 1 else "positive"
-            out.append((Variant(_apply(text, edits), "negation_flip",
-                                f"{obs}: {'positive' if before == 1 else 'negative'} -> {after}"), obs))
+            out.append(
+                (
+                    Variant(
+                        _apply(text, edits),
+                        "negation_flip",
+                        f"{obs}: {'positive' if before == 1 else 'negative'} -> {after}",
+                    ),
+                    obs,
+                )
+            )
             break
-    positives = [m for m in result.mentions if m.status == "positive" and m.observation != "No Finding"]
+    positives = [
+        m for m in result.mentions if m.status == "positive" and m.observation != "No Finding"
+    ]
     for m in _shuffled(rng, positives):
         if m.laterality:
             hit = _nearest(_LATERALITY_WORD, text, m, 60, 40)
@@ -463,17 +511,33 @@ def _edit_candidates(text: str, result: LabelResult, rng) -> list[tuple[Variant,
                 if LATERALITY.get(w) == new:
                     continue
                 t2 = text[: hit.start()] + _match_case(new, hit.group(1)) + text[hit.end() :]
-                out.append((Variant(t2, "laterality_swap", f"{m.observation} laterality: {w} -> {new}"),
-                            m.observation))
+                out.append(
+                    (
+                        Variant(t2, "laterality_swap", f"{m.observation} laterality: {w} -> {new}"),
+                        m.observation,
+                    )
+                )
                 break
     for m in _shuffled(rng, positives):
         if m.severity:
             hit = _nearest(_SEVERITY_WORD, text, m, 30, 0)
             if hit is not None and hit.group(1).lower() in _SEVERITY_SWAP:
                 w = hit.group(1).lower()
-                t2 = text[: hit.start()] + _match_case(_SEVERITY_SWAP[w], hit.group(1)) + text[hit.end() :]
-                out.append((Variant(t2, "severity_change",
-                                    f"{m.observation} severity: {w} -> {_SEVERITY_SWAP[w]}"), m.observation))
+                t2 = (
+                    text[: hit.start()]
+                    + _match_case(_SEVERITY_SWAP[w], hit.group(1))
+                    + text[hit.end() :]
+                )
+                out.append(
+                    (
+                        Variant(
+                            t2,
+                            "severity_change",
+                            f"{m.observation} severity: {w} -> {_SEVERITY_SWAP[w]}",
+                        ),
+                        m.observation,
+                    )
+                )
                 break
     for m in _shuffled(rng, positives):
         if m.measurement:
@@ -483,9 +547,16 @@ def _edit_candidates(text: str, result: LabelResult, rng) -> list[tuple[Variant,
                 new = value * 2 if value < 5 else value / 2
                 new_s = f"{new:.1f}".rstrip("0").rstrip(".")
                 t2 = text[: hit.start()] + new_s + hit.group(2) + text[hit.end() :]
-                out.append((Variant(t2, "measurement_change",
-                                    f"{m.observation} measurement: {hit.group(1)} -> {new_s}"),
-                            m.observation))
+                out.append(
+                    (
+                        Variant(
+                            t2,
+                            "measurement_change",
+                            f"{m.observation} measurement: {hit.group(1)} -> {new_s}",
+                        ),
+                        m.observation,
+                    )
+                )
                 break
     if result.vector.get("Support Devices") != 1:
         sentence = _choice(rng, lx.DEVICE_SENTENCES)
@@ -498,8 +569,16 @@ def _edit_candidates(text: str, result: LabelResult, rng) -> list[tuple[Variant,
         other = {m.sentence_index for m in result.mentions if m.observation != "Support Devices"}
         if dev_sents and not dev_sents & other:
             keep = [text[a:b].strip() for i, (a, b) in enumerate(sents) if i not in dev_sents]
-            out.append((Variant(" ".join(s for s in keep if s), "device_remove",
-                                "removed the device sentences"), "Support Devices"))
+            out.append(
+                (
+                    Variant(
+                        " ".join(s for s in keep if s),
+                        "device_remove",
+                        "removed the device sentences",
+                    ),
+                    "Support Devices",
+                )
+            )
     for m in _shuffled(rng, positives):
         if m.form != "term":
             continue
@@ -507,12 +586,17 @@ def _edit_candidates(text: str, result: LabelResult, rng) -> list[tuple[Variant,
         new = lx.NEIGHBOURS.get(word.lower())
         if new is None:
             continue
-        t2 = re.sub(rf"\b{re.escape(word)}\b", lambda h: _match_case(new, h.group()), text,
-                    flags=re.IGNORECASE)
+        t2 = re.sub(
+            rf"\b{re.escape(word)}\b",
+            lambda h, new=new: _match_case(new, h.group()),
+            text,
+            flags=re.IGNORECASE,
+        )
         target = _LABELER.label(new).mentions
         if target:
-            out.append((Variant(t2, "finding_swap", f"{word.lower()} -> {new}"),
-                        target[0].observation))
+            out.append(
+                (Variant(t2, "finding_swap", f"{word.lower()} -> {new}"), target[0].observation)
+            )
             break
     return out
 

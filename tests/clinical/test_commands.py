@@ -29,10 +29,24 @@ def _shards(root, reports: list[str], per_shard: int = 3):
                     continue
                 meta = {"key": key, "report": {"findings": text, "impression": "", "full": text}}
                 _add(tar, f"{key}.json", json.dumps(meta).encode())
-        entries.append({"split": "train", "index": index, "count": len(reports[start : start + per_shard]),
-                        "image": None, "text": rel, "sha256": {"image": None, "text": None}})
-    manifest = {"format": "llmclip-shards/1", "source": "openi", "shards": entries,
-                "splits": {"train": len(reports)}, "label_source": "mesh", "synthetic_images": False}
+        entries.append(
+            {
+                "split": "train",
+                "index": index,
+                "count": len(reports[start : start + per_shard]),
+                "image": None,
+                "text": rel,
+                "sha256": {"image": None, "text": None},
+            }
+        )
+    manifest = {
+        "format": "llmclip-shards/1",
+        "source": "openi",
+        "shards": entries,
+        "splits": {"train": len(reports)},
+        "label_source": "mesh",
+        "synthetic_images": False,
+    }
     (root / "manifest.json").write_text(json.dumps(manifest))
     return root
 
@@ -50,7 +64,9 @@ def test_labels_shards_side_file_and_resume(tmp_path, openi_texts, capsys):
 
     assert rows[3]["labels"] == Labeler().label(openi_texts[3]).vector
     meta = json.loads((root / "labels.meta.json").read_text())
-    assert meta["samples"] == 7 and meta["bad_samples"] == 1 and meta["format"] == "llmclip-labels/1"
+    assert (
+        meta["samples"] == 7 and meta["bad_samples"] == 1 and meta["format"] == "llmclip-labels/1"
+    )
     first = (root / "labels.jsonl").read_bytes()
     # a second run resumes every finished shard and writes the same file
     assert main(["labels", "--shards", f"{root}:train", "--quiet"]) == 0

@@ -19,9 +19,20 @@ L = Labeler()
 
 def test_classes_in_chexpert_order():
     assert CHEXPERT_CLASSES == [
-        "No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Lesion", "Lung Opacity",
-        "Edema", "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion",
-        "Pleural Other", "Fracture", "Support Devices",
+        "No Finding",
+        "Enlarged Cardiomediastinum",
+        "Cardiomegaly",
+        "Lung Lesion",
+        "Lung Opacity",
+        "Edema",
+        "Consolidation",
+        "Pneumonia",
+        "Atelectasis",
+        "Pneumothorax",
+        "Pleural Effusion",
+        "Pleural Other",
+        "Fracture",
+        "Support Devices",
     ]
 
 
@@ -34,7 +45,12 @@ def test_result_contract():
     assert (eff.status, eff.laterality, eff.severity) == ("positive", "left", "small")
     assert text[eff.span[0] : eff.span[1]].lower() == "pleural effusion"
     assert eff.sentence == "Small left pleural effusion."
-    assert res.vector == {"No Finding": 0, "Pneumonia": -1, "Pneumothorax": 0, "Pleural Effusion": 1}
+    assert res.vector == {
+        "No Finding": 0,
+        "Pneumonia": -1,
+        "Pneumothorax": 0,
+        "Pleural Effusion": 1,
+    }
     arr = res.as_array()
     assert arr.dtype == np.float32 and arr.shape == (14,)
     idx = CHEXPERT_CLASSES.index
@@ -69,7 +85,11 @@ def test_result_contract():
         ("Heart size is at the upper limits of normal.", "Cardiomegaly", "negative"),
         ("No XXXX of pleural effusion.", "Pleural Effusion", "negative"),
         ("Pulmonary vascular congestion.", "Edema", "positive"),
-        ("Left chest wall pacemaker with leads in the right ventricle.", "Support Devices", "positive"),
+        (
+            "Left chest wall pacemaker with leads in the right ventricle.",
+            "Support Devices",
+            "positive",
+        ),
         ("Interval removal of the right PICC line.", "Support Devices", "negative"),
         ("Healed left rib fractures.", "Fracture", "positive"),
         ("Biapical pleural thickening.", "Pleural Other", "positive"),
@@ -86,7 +106,9 @@ def test_status_rules(text, obs, status):
 
 
 def test_attributes():
-    res = L.label("Bilateral pleural effusions, moderate on the right. A 1.5 cm nodule in the left upper lobe.")
+    res = L.label(
+        "Bilateral pleural effusions, moderate on the right. A 1.5 cm nodule in the left upper lobe."
+    )
     eff = [m for m in res.mentions if m.observation == "Pleural Effusion"][0]
     nod = [m for m in res.mentions if m.observation == "Lung Lesion"][0]
     assert eff.laterality == "bilateral"
@@ -98,7 +120,9 @@ def test_aggregation_positive_wins_and_no_finding():
     assert res.vector["Pleural Effusion"] == 1 and res.vector["No Finding"] == 0
     res = L.label("Possible pneumonia. No pneumonia.")
     assert res.vector["Pneumonia"] == -1
-    normal = L.label("Heart size normal. Lungs are clear. No pneumothorax. No acute cardiopulmonary process.")
+    normal = L.label(
+        "Heart size normal. Lungs are clear. No pneumothorax. No acute cardiopulmonary process."
+    )
     assert normal.vector["No Finding"] == 1
     devices_only = L.label("Pacemaker in place. No acute cardiopulmonary abnormality.")
     assert devices_only.vector == {"No Finding": 1, "Support Devices": 1}
@@ -107,8 +131,10 @@ def test_aggregation_positive_wins_and_no_finding():
 def test_unseen_text_gives_empty_result():
     rng = random.Random(0)
     noise = "".join(rng.choice(string.printable) for _ in range(100_000))
-    words = " ".join("".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(1, 9)))
-                     for _ in range(15_000))[:100_000]
+    words = " ".join(
+        "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(1, 9)))
+        for _ in range(15_000)
+    )[:100_000]
     binary = bytes(rng.randrange(256) for _ in range(100_000)).decode("latin-1")
     for text in [
         "",
@@ -132,9 +158,14 @@ def test_unseen_text_gives_empty_result():
 def test_mesh_mapping():
     assert mesh_to_chexpert(["normal"]) == {"No Finding": 1}
     assert mesh_to_chexpert(["No Indexing"]) is None
-    got = mesh_to_chexpert(["Pleural Effusion/left/small", "Opacity/lung/base/round", "Calcified Granuloma"])
+    got = mesh_to_chexpert(
+        ["Pleural Effusion/left/small", "Opacity/lung/base/round", "Calcified Granuloma"]
+    )
     assert got == {"Pleural Effusion": 1, "Lung Opacity": 1, "Lung Lesion": 1, "No Finding": 0}
-    assert mesh_to_chexpert(["Catheters, Indwelling/right"]) == {"Support Devices": 1, "No Finding": 1}
+    assert mesh_to_chexpert(["Catheters, Indwelling/right"]) == {
+        "Support Devices": 1,
+        "No Finding": 1,
+    }
 
 
 def test_openi_acceptance(openi_reports):

@@ -22,14 +22,31 @@ def texts() -> list[str]:
 
     return [r.text for r in read_openi(openi_reports_tgz()) if r.text.strip()]
 
+
 SETTINGS = settings(
-    max_examples=25, deadline=None, derandomize=True,
+    max_examples=25,
+    deadline=None,
+    derandomize=True,
     suppress_health_check=[HealthCheck.too_slow],
 )
-REWRITE_KINDS = {"abbreviate", "expand", "telegraphic", "shuffle", "synonym", "impression_only",
-                 "findings_only"}
-EDIT_KINDS = {"negation_flip", "laterality_swap", "severity_change", "device_add", "device_remove",
-              "measurement_change", "finding_swap"}
+REWRITE_KINDS = {
+    "abbreviate",
+    "expand",
+    "telegraphic",
+    "shuffle",
+    "synonym",
+    "impression_only",
+    "findings_only",
+}
+EDIT_KINDS = {
+    "negation_flip",
+    "laterality_swap",
+    "severity_change",
+    "device_add",
+    "device_remove",
+    "measurement_change",
+    "finding_swap",
+}
 
 
 def facts(text: str) -> dict[str, tuple]:
@@ -64,12 +81,18 @@ def test_negate_examples():
     assert negate("No pneumothorax or pleural effusion.") == "Pneumothorax or pleural effusion."
     assert negate("The heart is mildly enlarged.") == "The heart is normal."
     assert negate("Heart size is normal.") == "Heart size is enlarged."
-    assert negate("Lungs are clear without focal consolidation.") == "Lungs are clear with focal consolidation."
+    assert (
+        negate("Lungs are clear without focal consolidation.")
+        == "Lungs are clear with focal consolidation."
+    )
     assert negate("Possible pneumonia.") == "Possible pneumonia."  # uncertain stays uncertain
     assert negate("") == ""
     t = "Mild cardiomegaly. No pneumothorax. Small right effusion. No acute cardiopulmonary process."
     assert L.label(negate(t)).vector == {
-        "No Finding": 0, "Cardiomegaly": 0, "Pneumothorax": 1, "Pleural Effusion": 0,
+        "No Finding": 0,
+        "Cardiomegaly": 0,
+        "Pneumothorax": 1,
+        "Pleural Effusion": 0,
     }
 
 
@@ -141,8 +164,12 @@ def test_edits_change_exactly_one_fact(i, seed):
         else:
             assert len(d) == 1, (v, d)
             (fields,) = d.values()
-            want = {"negation_flip": [0], "laterality_swap": [1], "severity_change": [2],
-                    "measurement_change": [3]}.get(v.kind)
+            want = {
+                "negation_flip": [0],
+                "laterality_swap": [1],
+                "severity_change": [2],
+                "measurement_change": [3],
+            }.get(v.kind)
             if v.kind == "negation_flip":
                 # the status flips; attributes of a finding that is now absent go with it
                 assert 0 in fields, (v, d)
