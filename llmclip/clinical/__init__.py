@@ -3,7 +3,8 @@
 from llmclip.clinical.graph import GRAPH_VOCAB, GRAPH_VOCAB_SHA, ReportGraph
 from llmclip.clinical.labeler import Labeler, LabelResult, Mention, aggregate
 from llmclip.clinical.lexicon import CHEXPERT_CLASSES
-from llmclip.clinical.variants import Variant, equivalent_rewrites, negate, one_error_edits
+from llmclip.clinical.negation import negate
+from llmclip.clinical.variants import Variant, equivalent_rewrites, one_error_edits
 
 __all__ = [
     "CHEXPERT_CLASSES",

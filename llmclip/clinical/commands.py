@@ -188,7 +188,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_show(args: argparse.Namespace) -> int:
     from llmclip.clinical.graph import ReportGraph
     from llmclip.clinical.labeler import Labeler
-    from llmclip.clinical.variants import negate
+    from llmclip.clinical.negation import negate
 
     text = Path(args.file).read_text(encoding="utf-8") if args.file else (args.text or "")
     res = Labeler().label(text)
