@@ -8,7 +8,9 @@ Per rank and DataLoader worker, for one epoch:
       -> per-shard checks (duplicate keys, samples lost to a truncated tar)
       -> shuffle buffer seeded by (seed, epoch, rank, worker) -> decode -> epoch quota -> batches
 
-``resampled=True`` replaces the split by shards drawn with replacement (seeded per rank and worker),
+With fewer shards than readers (ranks x workers) every reader reads all shards and keeps every
+n-th sample instead, so small datasets still feed many ranks. ``resampled=True`` replaces the
+split by shards drawn with replacement (seeded per rank and worker),
 the usual way to give every rank the same number of batches on any shard count. ``epoch_samples``
 fixes the samples per rank and epoch (in the non-resampled mode each worker cycles through its
 shards until its quota is met), so all ranks step in lockstep.
@@ -80,6 +82,7 @@ class _Stats:
         self.skipped: Counter = Counter()
         self.ignored: Counter = Counter()
         self.raw = 0  # samples read from tars so far (lets a cycling worker see an empty pass)
+        self.shard_errors = True  # False: another reader reads the same shards and counts them
 
     def take(self) -> dict[str, dict[str, int]]:
         out = {"skipped": dict(self.skipped), "ignored": dict(self.ignored)}
@@ -90,6 +93,8 @@ class _Stats:
 
 def _tar_error_handler(stats: _Stats, exn: Exception) -> bool:
     # Called by webdataset on errors while reading a tar; count, never sleep, keep going.
+    if not stats.shard_errors:
+        return True
     if isinstance(exn, (tarfile.TarError, EOFError)) or "unexpected end" in str(exn):
         stats.skipped["tar_error"] += 1
     elif isinstance(exn, ValueError) and "duplicate file name" in str(exn):
@@ -128,25 +133,38 @@ class ShardStream(IterableDataset):
             if i % self.world_size == self.rank:
                 yield item
 
-    def _cycle(self, worker: int, stats: _Stats) -> Iterator[dict]:
-        """This worker's shards; with an epoch quota, again (reshuffled) until the quota is met."""
-        items = list(wds.split_by_worker(self.split_by_node(iter(self._urls()))))
+    def _sample_split(self, workers: int) -> bool:
+        """Fewer shards than readers (ranks x workers): every reader reads every shard and keeps
+        every n-th sample instead, so no reader is left without data (small datasets, many ranks)."""
+        return not self.resampled and len(self.shards) < self.world_size * workers
+
+    def _cycle(self, worker: int, workers: int, stats: _Stats) -> Iterator[dict]:
+        """This reader's shards; with an epoch quota, again (reshuffled) until the quota is met."""
+        shared = self._sample_split(workers)
+        items = self._urls() if shared else list(wds.split_by_worker(self.split_by_node(iter(self._urls()))))
         if self.epoch_samples is None:
             yield from items
             return
-        quota = self.worker_quota(worker, self._workers()[1]) or 0
+        quota = self.worker_quota(worker, workers) or 0
+        readers = self.world_size * workers if shared else 1
         rep, passes = 0, None
         while items and (passes is None or rep < passes):
             before = stats.raw
-            if rep and self.shuffle:
-                random.Random(_seed(self.seed, self.epoch, self.rank, worker, rep)).shuffle(items)
+            if rep and self.shuffle:  # the same order on every reader when they share the shards
+                who = ("all",) if shared else (self.rank, worker)
+                random.Random(_seed(self.seed, self.epoch, *who, rep)).shuffle(items)
             yield from items
             rep += 1
-            per_pass = stats.raw - before
+            per_pass = (stats.raw - before) // readers
             if per_pass == 0:
                 return  # the shards hold nothing readable: stop instead of spinning
             # passes needed if every sample were good, plus slack for bad ones; then stop for sure
             passes = passes or math.ceil(quota / per_pass) + 2
+
+    def _take_share(self, reader: int, readers: int, src: Iterator[dict]) -> Iterator[dict]:
+        for i, sample in enumerate(src):
+            if i % readers == reader:
+                yield sample
 
     @staticmethod
     def _open(src: Iterator[dict]) -> Iterator[dict]:
@@ -163,7 +181,7 @@ class ShardStream(IterableDataset):
 
         def close() -> None:
             path = url.rsplit("#", 1)[0] if url else None
-            if path is not None and n < self.expected.get(path, n):
+            if path is not None and n < self.expected.get(path, n) and stats.shard_errors:
                 stats.skipped["lost_in_broken_tar"] += self.expected[path] - n
 
         for sample in src:
@@ -173,7 +191,7 @@ class ShardStream(IterableDataset):
             n += 1
             stats.raw += 1
             if sample["__key__"] in keys:
-                stats.skipped["duplicate_key"] += 1
+                stats.skipped["duplicate_key"] += stats.shard_errors
                 continue
             keys.add(sample["__key__"])
             yield sample
@@ -255,7 +273,7 @@ class ShardStream(IterableDataset):
             shards = wds.ResampledShards([str(s.path) for s in self.shards], deterministic=True,
                                          worker_seed=lambda: _seed(self.seed, self.epoch, self.rank, worker))
         else:
-            shards = partial(self._cycle, worker, stats)
+            shards = partial(self._cycle, worker, workers, stats)
         stages = [
             shards,
             self._open,
@@ -263,6 +281,10 @@ class ShardStream(IterableDataset):
             partial(group_by_keys, handler=handler),
             partial(self._check_shards, stats),
         ]
+        if self._sample_split(workers):
+            reader = self.rank * workers + worker
+            stats.shard_errors = reader == 0  # errors before the share are seen by every reader
+            stages.append(partial(self._take_share, reader, self.world_size * workers))
         if self.shuffle:
             stages.append(wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100),
                                       seed=_seed(self.seed, self.epoch, self.rank, worker, "samples")))
@@ -340,11 +362,8 @@ def make_loader(spec: str, *, kind: Literal["image", "text"], batch_size: int, i
     world_size = env.world_size if world_size is None else world_size
     readers = world_size * max(1, num_workers)
     if not resampled and len(shards) < readers:
-        msg = (f"{spec}: {len(shards)} shards for {world_size} ranks x {max(1, num_workers)} workers; some "
-               "readers get no shard")
-        if epoch_samples is not None:
-            raise ConfigError(msg + "; use resampled=True, fewer workers or smaller shards (--shard-size)")
-        log.warning(msg + ": ranks will see different sample counts")
+        log.info(f"{spec}: {len(shards)} shards for {readers} readers (ranks x workers): every reader "
+                 "reads all shards and keeps its share of samples (more shards read faster)")
     ds = ShardStream(shards, kind=kind, batch_size=batch_size, image_size=image_size, channels=channels,
                      epoch=epoch, seed=seed, shuffle=shuffle, shuffle_buffer=shuffle_buffer,
                      resampled=resampled, epoch_samples=epoch_samples, rank=rank, world_size=world_size)

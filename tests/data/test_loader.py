@@ -66,9 +66,18 @@ def test_epoch_samples_and_resampled(openi_shards):
     assert sum(len(b["key"]) for b in res) == 50 and len(res) == 8
     with pytest.raises(ConfigError, match="resampled"):
         make_loader(spec, kind="text", batch_size=4, resampled=True)
-    with pytest.raises(ConfigError, match="shards for 4 ranks"):
-        make_loader(f"{openi_shards}:val", kind="text", batch_size=4, num_workers=2, epoch_samples=10,
-                    rank=0, world_size=4)
+
+
+def test_fewer_shards_than_readers_split_by_sample(openi_shards):
+    """1 val shard, 3 ranks x 2 workers: every reader reads the shard and keeps its share."""
+    spec = f"{openi_shards}:val"
+    per_rank = [keys_of(make_loader(spec, kind="text", batch_size=4, num_workers=2, rank=r, world_size=3))
+                for r in range(3)]
+    allk = [k for ks in per_rank for k in ks]
+    assert all(per_rank) and sorted(allk) == sorted(set(allk)) and len(allk) == split_keys(openi_shards, "val")
+    quota = [sum(len(b["key"]) for b in make_loader(spec, kind="text", batch_size=4, num_workers=2, rank=r,
+                                                     world_size=3, epoch_samples=40)) for r in range(3)]
+    assert quota == [40, 40, 40]
 
 
 def test_text_mode_never_reads_pixels(openi_shards, tmp_path):
