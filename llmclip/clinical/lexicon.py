@@ -153,7 +153,14 @@ TERMS: list[tuple[tuple[str, ...], str, str]] = [
         r"(?:central venous|central|venous|picc|pic|port|swan[- ]ganz|pulmonary artery|arterial|"
         r"dialysis|hemodialysis|(?:internal )?jugular|subclavian|midline|catheter) "
         r"(?:lines?|catheters?)|piccs?|port-?a-?caths?|portacaths?|mediports?|power ?ports?|"
-        r"(?:chest|venous|infusion|right chest|left chest|subcutaneous) ports?|catheters?",
+        r"(?:chest|venous|infusion|right chest|left chest|subcutaneous) ports?|catheters?|"
+        r"xxxx-a-xxxx|lines? and tubes?|(?:(?:right|left)(?:-sided)? )?chest (?:wall )?xxxx|"
+        # the device word is often anonymised ("XXXX"): a tip in a central vein is a catheter's
+        r"(?:its |the |distal |catheter )?tips? (?:is |are |now )?(?:at|in|within|overlying|over|near|"
+        r"approximating|projecting over|projects over|terminat\w+ (?:in|at|within|over))(?: the)?"
+        r"(?: level of the)?(?: (?:high|mid|distal|upper|lower|proximal|expected))? (?:svc|superior "
+        r"vena cava|cavoatrial junction|cavo-atrial junction|caval atrial junction|cavoatrial|"
+        r"right atrium|atriocaval junction|brachiocephalic vein)",
     ),
     (
         (SD,),
@@ -187,7 +194,8 @@ TERMS: list[tuple[tuple[str, ...], str, str]] = [
         "orthopedic hardware",
         r"(?:orthopedic |orthopaedic |fixation |spinal fusion |fusion |postoperative |metallic )?"
         r"hardware|fixation (?:plates?|screws?|rods?|devices?)|(?:pedicle |surgical )?screws|plates? "
-        r"and screws|spinal (?:fusion|rods?)|(?:intramedullary |harrington )?rods?|arthroplast(?:y|ies)"
+        r"and screws|spinal (?:fusion|rods?)|(?:cervical|thoracic|lumbar|cervicothoracic|anterior|"
+        r"posterior) (?:spine |spinal |cervical |thoracic |lumbar )?fusion(?! anomal)|fusion (?:hardware|xxxx)|(?:intramedullary |harrington )?rods?|arthroplast(?:y|ies)"
         r"|(?:shoulder|humeral) (?:prosthesis|replacement)",
     ),
     (
@@ -195,7 +203,10 @@ TERMS: list[tuple[tuple[str, ...], str, str]] = [
         "medical device",
         r"(?:support|monitoring|medical|implanted|implantable|cardiac|electronic) (?:devices?|"
         r"apparatus|equipment)|(?:ecg|ekg|telemetry) (?:leads?|wires?)|devices?|coils?|"
-        r"balloon pump|iabp|lvad|left ventricular assist device|impella|ecmo (?:cannula)?|cannulas?",
+        r"balloon pump|iabp|lvad|left ventricular assist device|impella|ecmo (?:cannula)?|cannulas?|"
+        r"(?:neuro|nerve |spinal cord |spinal |vagal nerve |vagus nerve )?stimulators?|"
+        r"(?:cardiac |pacemaker |pacer |battery |xxxx )?generator|ivc xxxx|surgical xxxx|"
+        r"bone anchors?|(?:closure|occluder) devices?|septal occluder",
     ),
 ]
 
@@ -309,6 +320,7 @@ PSEUDO_CUES = [
     r"enlargement|growth)",
     r"not (?:only|necessarily|significantly changed|changed|increased|decreased)",
     r"no longer (?:enlarged|prominent)",
+    r"age[- ]indeterminate|(?:of )?indeterminate age|uncertain age|unknown age",
     r"gram[- ]negative",
 ]
 UNCERTAIN_POST_CUES = [
@@ -322,6 +334,8 @@ UNCERTAIN_POST_CUES = [
     r"(?:is|are|would be) (?:also )?(?:another |a |an additional )?(?:consideration|in the "
     r"differential(?: diagnosis)?|not excluded|difficult to exclude)",
     r"(?:would be|is|are) (?:a )?(?:possibility|possible)",
+    r"(?:may|might|can|could) not be (?:well )?(?:demonstrated|visualized|seen|detected|apparent|"
+    r"visible|identified)",
     r"\?",
 ]
 UNCERTAIN_PRE_CUES = [
@@ -339,7 +353,7 @@ UNCERTAIN_PRE_CUES = [
     r"correlat(?:e|ed|ion|ing) (?:clinically )?(?:for|with)(?: (?:xxxx|signs|symptoms|history)(?: of)?)?|"
     r"clinical correlation (?:for|with)|(?:signs|symptoms) of|in the (?:appropriate |right )?"
     r"clinical (?:setting|context)|(?:cannot|can not|can't) differentiate|superimposed"
-    r"|rule out|r/o|to exclude|evaluate for|evaluation for|assess for|"
+    r"|rule out|r/o|to exclude|evaluate for|evaluation (?:for|of)|assess for|"
     r"either|uncertain|unclear|favor(?:ed|s)?|maybe)",
 ]
 # Negations that look both ways ("resolved edema", "edema, resolved").
