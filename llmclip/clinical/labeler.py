@@ -123,7 +123,12 @@ def _mention_alternatives() -> tuple[
         name = f"t{i}"
         alts.append((name, f"(?:{rx})(?!\\w)"))
         groups[name] = (obs, term, "term")
-    return alts, groups
+    return [(n, _placeholders(rx)) for n, rx in alts], groups
+
+
+def _placeholders(rx: str) -> str:
+    """Open-I's ``XXXX`` and MIMIC's ``___`` anonymisation placeholders are the same token."""
+    return rx.replace("xxxx", "(?:xxxx|_{2,4})")
 
 
 _MENTION_ALTS, _GROUPS = _mention_alternatives()
@@ -142,7 +147,7 @@ _CUE_ORDER = [
 _WORD_FRAG = re.compile(r"[\w(]")
 CUES = WordStartMatcher(
     [
-        (f"{kind}__{i}", f"(?:{f})(?!\\w)")
+        (f"{kind}__{i}", _placeholders(f"(?:{f})(?!\\w)"))
         for kind, frags in _CUE_ORDER
         for i, f in enumerate(frags)
         if _WORD_FRAG.match(f)

@@ -39,7 +39,7 @@ _DROP = set(
 _NP_MAX_WORDS = 5
 _WORD_BEFORE = re.compile(r"([\w-]+)[ \t]+$")
 _NEG_PREFIX = re.compile(
-    r"^(no|without)((?:\s+(?:evidence|signs?|findings?|suggestion|xxxx|features|radiographic|"
+    r"^(no|without)((?:\s+(?:evidence|signs?|findings?|suggestion|xxxx|_{2,4}|features|radiographic|"
     r"convincing|definite)(?:\s+(?:of|for|to suggest))?)*)(\s+|$)",
     re.IGNORECASE,
 )

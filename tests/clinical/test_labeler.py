@@ -84,6 +84,8 @@ def test_result_contract():
         ("Borderline cardiomegaly.", "Cardiomegaly", "positive"),
         ("Heart size is at the upper limits of normal.", "Cardiomegaly", "negative"),
         ("No XXXX of pleural effusion.", "Pleural Effusion", "negative"),
+        ("No ___ of pleural effusion.", "Pleural Effusion", "negative"),  # MIMIC placeholder
+        ("Right chest XXXX tip at the cavoatrial junction.", "Support Devices", "positive"),
         ("Pulmonary vascular congestion.", "Edema", "positive"),
         (
             "Left chest wall pacemaker with leads in the right ventricle.",
