@@ -171,3 +171,24 @@ def test_unknown_spec_and_kind_are_clear_errors(openi_shards, tmp_path):
     (root / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(ConfigError, match="text path"):
         make_loader(str(root), kind="text", batch_size=2)
+
+
+def test_decode_image_draft_jpeg_and_16bit_png():
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from llmclip.data.loader import decode_image
+
+    a = (np.arange(300 * 200).reshape(200, 300) % 4096).astype(np.uint16) * 16
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG")  # 16-bit grayscale, as PadChest ships
+    out = decode_image(buf.getvalue(), "png", 64)
+    assert out.shape == (64, 64) and out.dtype == np.uint8 and out.max() > 200
+    buf = io.BytesIO()
+    Image.fromarray((a // 256).astype(np.uint8)).convert("RGB").save(buf, format="JPEG")
+    assert decode_image(buf.getvalue(), "jpg", 32).shape == (32, 32)
+    with pytest.raises(OSError):
+        decode_image(buf.getvalue(), "png", 32)  # a JPEG named .png is refused, not sniffed
+

@@ -157,6 +157,10 @@ def test_csv_source_bad_rows_and_render(tmp_path, openi_texts):
     assert got["csv-k1"]["labels"] == {"Cardiomegaly": 1} and got["csv-k1"]["label_source"] == "csv"
     assert got["csv-k1"]["split"] == got["csv-k2"]["split"]  # same patient, same split
     assert got["csv-k2"]["label_source"] == "labeler"
+    small = run("csv", root / "list.csv", tmp_path / "small", max_side=32)
+    img = resolve_shards(str(tmp_path / "small"), "image")
+    sizes = {Image.open(io.BytesIO(m["png"])).size for s in img for _, m in read_tar(s.path)}
+    assert small["samples"] == 2 and sizes == {(32, 32)}  # re-encoded below --max-side
     # the same CSV rendered: images come from the report, marked synthetic
     m2 = run("csv", root / "list.csv", tmp_path / "rendered", images="render", image_size=32, image_format="png")
     assert m2["synthetic_images"] and m2["samples"] == 4  # bad/missing image files no longer matter
