@@ -93,12 +93,12 @@ def label_shards(spec: str, graphs: bool = True, progress: bool = True) -> dict:
     for shard in shards:
         part = parts_dir / f"{shard.name}.jsonl"
         if part.is_file():
-            n = sum(1 for _ in part.open(encoding="utf-8"))
-            done = (
-                json.loads(part.with_suffix(".done").read_text())
-                if part.with_suffix(".done").is_file()
-                else None
-            )
+            with part.open(encoding="utf-8") as f:
+                n = sum(1 for _ in f)
+            try:
+                done = json.loads(part.with_suffix(".done").read_text())
+            except (OSError, ValueError):
+                done = None  # missing or damaged marker: label the shard again
             if done and done.get("lines") == n:
                 counts["samples"] += done["samples"]
                 counts["bad"] += done["bad"]

@@ -139,6 +139,13 @@ class ReportGraph:
         doc = json.loads(s)
         if not isinstance(doc, dict) or doc.get("format") != "llmclip-report-graph/1":
             raise ValueError("not an llmclip report graph (format llmclip-report-graph/1)")
+        try:
+            return cls._from_doc(doc)
+        except (TypeError, KeyError, AttributeError) as e:
+            raise ValueError(f"malformed report graph: {e}") from None
+
+    @classmethod
+    def _from_doc(cls, doc: dict) -> ReportGraph:
         nodes = []
         for i, n in enumerate(doc.get("nodes", [])):
             if n.get("id") != i or n.get("type") not in NODE_TYPES:

@@ -33,7 +33,7 @@ NF, ECM, CM, LL, LO, ED, CO, PNA, AT, PTX, EFF, PO, FX, SD = CHEXPERT_CLASSES
 # longer / more specific phrase comes first.
 TERMS: list[tuple[tuple[str, ...], str, str]] = [
     # --- No Finding: "no acute cardiopulmonary process" is a *positive* No Finding mention; the
-    # labeler inverts the status of these phrases (see labeler.INVERTED).
+    # labeler inverts the status of these phrases (see labeler._INVERT).
     (
         (NF,),
         "acute cardiopulmonary abnormality",

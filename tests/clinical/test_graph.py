@@ -50,6 +50,10 @@ def test_json_is_stable_and_round_trips():
         ReportGraph.from_json('{"format": "something-else"}')
     with pytest.raises(ValueError):
         ReportGraph.from_json(s.replace('"located_at"', '"eats"'))
+    with pytest.raises(ValueError):
+        ReportGraph.from_json('{"format": "llmclip-report-graph/1", "nodes": [1, 2], "edges": []}')
+    with pytest.raises(ValueError):
+        ReportGraph.from_json('{"format": "llmclip-report-graph/1", "nodes": [], "edges": [[0]]}')
 
 
 def test_arrays_for_gcn():
