@@ -126,3 +126,16 @@ def cache_rows(cache: EmbeddingCache, shards: Sequence[str], keys: Sequence[str]
         idx = [i for i, s in enumerate(names) if s == name]
         out[idx] = cache.rows(name, [keys[i] for i in idx])
     return out
+
+
+def unbatch(batch: Any) -> list[dict[str, Any]]:
+    """Loader batch (a list of sample dicts, or a dict of lists) -> list of sample dicts."""
+    if isinstance(batch, list):
+        return batch
+    if isinstance(batch, dict):
+        n = len(batch["key"])
+        return [
+            {k: v[i] for k, v in batch.items() if hasattr(v, "__getitem__") and len(v) == n}
+            for i in range(n)
+        ]
+    raise ConfigError(f"loader yielded {type(batch).__name__}, expected a dict or list batch")

@@ -244,7 +244,8 @@ class CLIPModel(nn.Module):
         self.visual = create_vision_tower(cfg.vision, image_size)
         self.image_proj = nn.Linear(self.visual.num_features, cfg.embed_dim, bias=False)
         self.text_adapter = TextAdapter(cfg.text, text_dim, cfg.embed_dim)
-        scale = torch.tensor(math.log(1.0 / cfg.init_temperature))
+        # Shape [1], not a scalar: DeepSpeed's parameter broadcast cannot view a 0-d tensor as bytes.
+        scale = torch.full((1,), math.log(1.0 / cfg.init_temperature))
         self.logit_scale = nn.Parameter(scale, requires_grad=cfg.learn_temperature)
         self.graph_encoder = GraphEncoder(cfg.graph, cfg.embed_dim) if cfg.graph.enabled else None
         self.register_buffer(
@@ -283,7 +284,7 @@ class CLIPModel(nn.Module):
 
     def scale(self) -> torch.Tensor:
         """exp(logit_scale), clamped (the clamp stops the temperature from collapsing)."""
-        return self.logit_scale.clamp(max=math.log(self.cfg.max_logit_scale)).exp()
+        return self.logit_scale.clamp(max=math.log(self.cfg.max_logit_scale)).exp()[0]
 
     def forward(
         self,

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from llmclip.clinical import ReportGraph
-
 
 def _field(obj: Any, *names: str, default: Any = None) -> Any:
     for n in names:
@@ -22,6 +20,8 @@ def _field(obj: Any, *names: str, default: Any = None) -> Any:
 
 
 def graph_parts(text: str) -> tuple[list[tuple[str, str, str]], list[tuple[int, int, str]]]:
+    from llmclip.clinical import ReportGraph
+
     graph = ReportGraph.from_report(text or "")
     nodes: list[tuple[str, str, str]] = []
     index: dict[Any, int] = {}

@@ -49,6 +49,8 @@ class DataConfig:
     """At start, compare every shard's keys with the cache's, in order (reads tar headers only)."""
     augment: bool = True
     """Light random affine jitter (shift, scale) on the training images."""
+    epoch_samples: int = 0
+    """Samples per rank and epoch (0 = the training split's size / ranks); equal on every rank."""
 
     def validate(self) -> None:
         if not self.shards:
@@ -63,6 +65,8 @@ class DataConfig:
             raise ConfigError("must be in [16, 2048]", "image_size")
         if self.num_workers < 0:
             raise ConfigError("must be >= 0", "num_workers")
+        if self.epoch_samples < 0:
+            raise ConfigError("must be >= 0", "epoch_samples")
 
 
 @dataclass
@@ -203,8 +207,8 @@ def augment(pixels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return out + fill
 
 
-def run(cfg: Stage2Config) -> Path:
-    """Train; returns the run folder (``RUN/final`` holds the model)."""
+def run(cfg: Stage2Config) -> int:
+    """Train (resuming when a checkpoint exists); ``RUN/final`` then holds the model. Exit code 0."""
     from llmclip.clip.trainer import Stage2Trainer
 
     trainer = Stage2Trainer(cfg)
@@ -212,7 +216,7 @@ def run(cfg: Stage2Config) -> Path:
         trainer.train()
     finally:
         trainer.close()
-    return Path(cfg.run.out_dir)
+    return 0
 
 
 def _now() -> float:

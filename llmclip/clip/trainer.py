@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from llmclip.cache import EmbeddingCache, shard_name
 from llmclip.clip import state as ckpt
-from llmclip.clip.batching import GraphFeaturizer, cache_rows, label_matrix, report_text
+from llmclip.clip.batching import GraphFeaturizer, cache_rows, label_matrix, report_text, unbatch
 from llmclip.clip.losses import total_loss
 from llmclip.clip.model import CLIPModel
 from llmclip.clip.stage2 import (
@@ -34,19 +34,6 @@ from llmclip.clip.stage2 import (
 )
 from llmclip.config import ConfigError, to_dict
 from llmclip.distributed import init_distributed
-
-
-def unbatch(batch: Any) -> list[dict[str, Any]]:
-    """Loader batch (a list of sample dicts, or a dict of lists) -> list of sample dicts."""
-    if isinstance(batch, list):
-        return batch
-    if isinstance(batch, dict):
-        n = len(batch["key"])
-        return [
-            {k: v[i] for k, v in batch.items() if hasattr(v, "__getitem__") and len(v) == n}
-            for i in range(n)
-        ]
-    raise ConfigError(f"loader yielded {type(batch).__name__}, expected a dict or list batch")
 
 
 def sample_shard(sample: dict[str, Any], key_to_shard: dict[str, str]) -> str:
@@ -64,8 +51,10 @@ def sample_shard(sample: dict[str, Any], key_to_shard: dict[str, str]) -> str:
 class ShardStream:
     """Endless micro-batches of one rank, epoch after epoch, with a resumable position."""
 
-    def __init__(self, cfg: Stage2Config):
+    def __init__(self, cfg: Stage2Config, epoch_samples: int):
         self.cfg = cfg
+        # Same samples per epoch on every rank, so ranks move through epochs together.
+        self.epoch_samples = epoch_samples
         self.epoch = 0
         self.consumed = 0  # batches taken from the current epoch
         self._it: Iterator | None = None
@@ -83,9 +72,10 @@ class ShardStream:
             seed=self.cfg.run.seed,
             num_workers=d.num_workers,
             shuffle=True,
+            epoch_samples=self.epoch_samples,
         )
         it = iter(loader)
-        for _ in range(self.consumed):  # resume: replay the order, drop what was already used
+        for _ in range(self.consumed):  # resume: replay the epoch's order, drop what was used
             next(it)
         return it
 
@@ -166,18 +156,24 @@ class Stage2Trainer:
             model=self.model, optimizer=opt, lr_scheduler=sched, config=self.ds_config
         )
         self.device = self.engine.device
-        self.stream = ShardStream(cfg)
+        per_rank = cfg.data.epoch_samples or sum(s.count for s in shards) // self.env.world_size
+        self.stream = ShardStream(cfg, max(per_rank, cfg.deepspeed.micro_batch_size))
         self.step = 0
         if self.env.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             ckpt.write_run_files(self.out, to_dict(cfg), self.ds_config)
         if cfg.run.resume:
-            resumed = ckpt.load_latest(self.out, self.engine, self.scheduler, self.env)
+            resumed = ckpt.load_latest(self.out, self.engine)
             if resumed is not None:
                 self.step = int(resumed["step"])
-                positions = resumed.get("data", [])
+                positions = resumed.get("data") or []
                 if len(positions) == self.env.world_size:
                     self.stream.restore(positions[self.env.rank])
+                elif positions:
+                    # Another world size: shards are re-split, so start the next epoch afresh.
+                    self.stream.restore(
+                        {"epoch": max(int(p["epoch"]) for p in positions) + 1, "consumed": 0}
+                    )
                 if self.env.is_main:
                     print(f"stage2: resumed from step {self.step}", flush=True)
 
@@ -291,7 +287,7 @@ class Stage2Trainer:
                 self.save()
         bar.close()
         self.save()
-        ckpt.export_final(self.out, self.engine, self.model, self._final_meta(), self.env)
+        ckpt.export_final(self.out, self.model, self._final_meta(), self.env)
 
     def _reduce(self, logs: dict[str, float]) -> dict[str, float]:
         """Mean over ranks of every logged number (local-loss values differ per rank)."""
@@ -344,9 +340,7 @@ class Stage2Trainer:
             self.out,
             self.step,
             self.engine,
-            self.scheduler,
             {"data": positions},
-            self.env,
             keep=self.cfg.run.keep_checkpoints,
         )
 
