@@ -30,7 +30,9 @@ from llmclip.data.build import BuildOptions, build
 from llmclip.data.loader import make_loader
 from llmclip.data.shards import resolve_shards
 
-MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)  # open_clip (OpenAI) stats
+MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(
+    1, 3, 1, 1
+)  # open_clip (OpenAI) stats
 STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
 
 
@@ -43,9 +45,15 @@ def peer_transform(size: int):
     except ImportError:
         from torchvision import transforms as T
 
-        return T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size),
-                          lambda im: im.convert("RGB"), T.ToTensor(),
-                          T.Normalize(MEAN.flatten().tolist(), STD.flatten().tolist())]), "torchvision (open_clip recipe)"
+        return T.Compose(
+            [
+                T.Resize(size, interpolation=T.InterpolationMode.BICUBIC),
+                T.CenterCrop(size),
+                lambda im: im.convert("RGB"),
+                T.ToTensor(),
+                T.Normalize(MEAN.flatten().tolist(), STD.flatten().tolist()),
+            ]
+        ), "torchvision (open_clip recipe)"
 
 
 def _json(key: str, data: bytes):
@@ -54,9 +62,13 @@ def _json(key: str, data: bytes):
 
 def run_peer(urls: list[str], size: int, batch: int, workers: int) -> int:
     tf, _ = peer_transform(size)
-    ds = (wds.WebDataset(urls, shardshuffle=False, empty_check=False)
-          .decode(wds.imagehandler("pilrgb"), _json, post=[])
-          .to_tuple("jpg", "json").map_tuple(tf, lambda x: x).batched(batch))
+    ds = (
+        wds.WebDataset(urls, shardshuffle=False, empty_check=False)
+        .decode(wds.imagehandler("pilrgb"), _json, post=[])
+        .to_tuple("jpg", "json")
+        .map_tuple(tf, lambda x: x)
+        .batched(batch)
+    )
     n = 0
     for images, _meta in DataLoader(ds, batch_size=None, num_workers=workers):
         n += images.shape[0]
@@ -65,8 +77,9 @@ def run_peer(urls: list[str], size: int, batch: int, workers: int) -> int:
 
 def run_ours(spec: str, size: int, batch: int, workers: int) -> int:
     n = 0
-    for b in make_loader(spec, kind="image", batch_size=batch, image_size=size, num_workers=workers,
-                         shuffle=False):
+    for b in make_loader(
+        spec, kind="image", batch_size=batch, image_size=size, num_workers=workers, shuffle=False
+    ):
         x = (b["image"].float() / 255 - MEAN) / STD  # what the peer's ToTensor+Normalize did
         n += x.shape[0]
     return n
@@ -80,23 +93,40 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=224, help="output side")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=2, help="timed rounds per pipeline (best is kept)")
+    ap.add_argument(
+        "--rounds", type=int, default=2, help="timed rounds per pipeline (best is kept)"
+    )
     args = ap.parse_args()
 
     out = Path(args.dir)
     t0 = time.time()
-    m = build(BuildOptions(source="openi", out=str(out), images="render", maxcount=args.n,
-                           shard_size=32, image_size=args.src_size, image_format="jpg", workers=2,
-                           splits=(1.0, 0.0, 0.0)), progress=True)
+    m = build(
+        BuildOptions(
+            source="openi",
+            out=str(out),
+            images="render",
+            maxcount=args.n,
+            shard_size=32,
+            image_size=args.src_size,
+            image_format="jpg",
+            workers=2,
+            splits=(1.0, 0.0, 0.0),
+        ),
+        progress=True,
+    )
     urls = [str(s.path) for s in resolve_shards(str(out), "image")]
     mb = sum(Path(u).stat().st_size for u in urls) / 2**20
-    print(f"shards: {m['samples']} JPEGs {args.src_size}px in {len(urls)} shards ({mb:.0f} MiB), "
-          f"ready in {time.time() - t0:.0f}s; torch threads {torch.get_num_threads()}")
+    print(
+        f"shards: {m['samples']} JPEGs {args.src_size}px in {len(urls)} shards ({mb:.0f} MiB), "
+        f"ready in {time.time() - t0:.0f}s; torch threads {torch.get_num_threads()}"
+    )
     _, peer_name = peer_transform(args.size)
 
     results = {}
-    for name, fn, arg in (("llmclip make_loader (draft decode)", run_ours, str(out)),
-                          (f"webdataset decode('pilrgb') + {peer_name}", run_peer, urls)):
+    for name, fn, arg in (
+        ("llmclip make_loader (draft decode)", run_ours, str(out)),
+        (f"webdataset decode('pilrgb') + {peer_name}", run_peer, urls),
+    ):
         best = 0.0
         for _ in range(args.rounds):
             t = time.perf_counter()

@@ -107,13 +107,32 @@ def _tar_error_handler(stats: _Stats, exn: Exception) -> bool:
 class ShardStream(IterableDataset):
     """One rank's stream of decoded samples, batched inside the DataLoader workers."""
 
-    def __init__(self, shards: list[ShardInfo], *, kind: str, batch_size: int, image_size: int,
-                 channels: int, epoch: int, seed: int, shuffle: bool, shuffle_buffer: int,
-                 resampled: bool, epoch_samples: int | None, rank: int, world_size: int):
+    def __init__(
+        self,
+        shards: list[ShardInfo],
+        *,
+        kind: str,
+        batch_size: int,
+        image_size: int,
+        channels: int,
+        epoch: int,
+        seed: int,
+        shuffle: bool,
+        shuffle_buffer: int,
+        resampled: bool,
+        epoch_samples: int | None,
+        rank: int,
+        world_size: int,
+    ):
         super().__init__()
         self.shards, self.kind, self.batch_size = shards, kind, batch_size
         self.image_size, self.channels = image_size, channels
-        self.epoch, self.seed, self.shuffle, self.shuffle_buffer = epoch, seed, shuffle, shuffle_buffer
+        self.epoch, self.seed, self.shuffle, self.shuffle_buffer = (
+            epoch,
+            seed,
+            shuffle,
+            shuffle_buffer,
+        )
         self.resampled, self.epoch_samples = resampled, epoch_samples
         self.rank, self.world_size = rank, world_size
         self.expected = {str(s.path): s.count for s in shards}
@@ -141,7 +160,11 @@ class ShardStream(IterableDataset):
     def _cycle(self, worker: int, workers: int, stats: _Stats) -> Iterator[dict]:
         """This reader's shards; with an epoch quota, again (reshuffled) until the quota is met."""
         shared = self._sample_split(workers)
-        items = self._urls() if shared else list(wds.split_by_worker(self.split_by_node(iter(self._urls()))))
+        items = (
+            self._urls()
+            if shared
+            else list(wds.split_by_worker(self.split_by_node(iter(self._urls()))))
+        )
         if self.epoch_samples is None:
             yield from items
             return
@@ -221,7 +244,11 @@ class ShardStream(IterableDataset):
             if not (report.get("findings") or report.get("impression") or report.get("full")):
                 stats.skipped["empty_report"] += 1
                 continue
-            sample = {"key": key, "meta": meta, "shard": self.names.get(raw["__url__"].rsplit("#", 1)[0], "")}
+            sample = {
+                "key": key,
+                "meta": meta,
+                "shard": self.names.get(raw["__url__"].rsplit("#", 1)[0], ""),
+            }
             if self.kind == "image":
                 ext = next((e for e in IMAGE_EXTS if e in raw), None)
                 if ext is None:
@@ -270,8 +297,11 @@ class ShardStream(IterableDataset):
         stats = _Stats()
         handler = partial(_tar_error_handler, stats)
         if self.resampled:
-            shards = wds.ResampledShards([str(s.path) for s in self.shards], deterministic=True,
-                                         worker_seed=lambda: _seed(self.seed, self.epoch, self.rank, worker))
+            shards = wds.ResampledShards(
+                [str(s.path) for s in self.shards],
+                deterministic=True,
+                worker_seed=lambda: _seed(self.seed, self.epoch, self.rank, worker),
+            )
         else:
             shards = partial(self._cycle, worker, workers, stats)
         stages = [
@@ -286,8 +316,13 @@ class ShardStream(IterableDataset):
             stats.shard_errors = reader == 0  # errors before the share are seen by every reader
             stages.append(partial(self._take_share, reader, self.world_size * workers))
         if self.shuffle:
-            stages.append(wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100),
-                                      seed=_seed(self.seed, self.epoch, self.rank, worker, "samples")))
+            stages.append(
+                wds.shuffle(
+                    self.shuffle_buffer,
+                    initial=min(self.shuffle_buffer, 100),
+                    seed=_seed(self.seed, self.epoch, self.rank, worker, "samples"),
+                )
+            )
         stages.append(partial(self._decode, stats))
         quota = self.worker_quota(worker, workers)
         if quota is not None:
@@ -319,8 +354,13 @@ class ShardLoader:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         self.skipped, self.ignored, self.samples = Counter(), Counter(), 0
-        loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
-                            persistent_workers=False, prefetch_factor=4 if self.num_workers else None)
+        loader = DataLoader(
+            self.dataset,
+            batch_size=None,
+            num_workers=self.num_workers,
+            persistent_workers=False,
+            prefetch_factor=4 if self.num_workers else None,
+        )
         for batch in loader:
             counts = batch.pop("_counts")
             self.skipped.update(counts["skipped"])
@@ -330,16 +370,30 @@ class ShardLoader:
             self.samples += len(batch["key"])
             yield batch
         d = self.dataset
-        msg = (f"rank {d.rank} epoch {d.epoch}: {self.samples} samples; skipped "
-               f"{sum(self.skipped.values())} {dict(self.skipped) or ''}; ignored members {dict(self.ignored) or 'none'}")
+        msg = (
+            f"rank {d.rank} epoch {d.epoch}: {self.samples} samples; skipped "
+            f"{sum(self.skipped.values())} {dict(self.skipped) or ''}; ignored members {dict(self.ignored) or 'none'}"
+        )
         (log.warning if self.skipped else log.info)(msg)
 
 
-def make_loader(spec: str, *, kind: Literal["image", "text"], batch_size: int, image_size: int = 224,
-                epoch: int = 0, seed: int = 0, num_workers: int = 2, shuffle: bool = True,
-                resampled: bool = False, epoch_samples: int | None = None, channels: int = 3,
-                shuffle_buffer: int = 1000, rank: int | None = None,
-                world_size: int | None = None) -> ShardLoader:
+def make_loader(
+    spec: str,
+    *,
+    kind: Literal["image", "text"],
+    batch_size: int,
+    image_size: int = 224,
+    epoch: int = 0,
+    seed: int = 0,
+    num_workers: int = 2,
+    shuffle: bool = True,
+    resampled: bool = False,
+    epoch_samples: int | None = None,
+    channels: int = 3,
+    shuffle_buffer: int = 1000,
+    rank: int | None = None,
+    world_size: int | None = None,
+) -> ShardLoader:
     """A loader over the shards named by ``spec`` (``DIR``, ``DIR:train``, ``DIR:train,val``).
 
     Batches are dicts: ``key`` (list), ``meta`` (list of sample json), ``shard`` (list of shard names,
@@ -353,7 +407,9 @@ def make_loader(spec: str, *, kind: Literal["image", "text"], batch_size: int, i
     if channels not in (1, 3):
         raise ConfigError("must be 1 or 3", "channels")
     if resampled and not epoch_samples:
-        raise ConfigError("resampled=True needs epoch_samples (a resampled stream has no end)", "epoch_samples")
+        raise ConfigError(
+            "resampled=True needs epoch_samples (a resampled stream has no end)", "epoch_samples"
+        )
     if epoch_samples is not None and epoch_samples < 1:
         raise ConfigError("must be >= 1", "epoch_samples")
     shards = resolve_shards(spec, kind)
@@ -362,9 +418,23 @@ def make_loader(spec: str, *, kind: Literal["image", "text"], batch_size: int, i
     world_size = env.world_size if world_size is None else world_size
     readers = world_size * max(1, num_workers)
     if not resampled and len(shards) < readers:
-        log.info(f"{spec}: {len(shards)} shards for {readers} readers (ranks x workers): every reader "
-                 "reads all shards and keeps its share of samples (more shards read faster)")
-    ds = ShardStream(shards, kind=kind, batch_size=batch_size, image_size=image_size, channels=channels,
-                     epoch=epoch, seed=seed, shuffle=shuffle, shuffle_buffer=shuffle_buffer,
-                     resampled=resampled, epoch_samples=epoch_samples, rank=rank, world_size=world_size)
+        log.info(
+            f"{spec}: {len(shards)} shards for {readers} readers (ranks x workers): every reader "
+            "reads all shards and keeps its share of samples (more shards read faster)"
+        )
+    ds = ShardStream(
+        shards,
+        kind=kind,
+        batch_size=batch_size,
+        image_size=image_size,
+        channels=channels,
+        epoch=epoch,
+        seed=seed,
+        shuffle=shuffle,
+        shuffle_buffer=shuffle_buffer,
+        resampled=resampled,
+        epoch_samples=epoch_samples,
+        rank=rank,
+        world_size=world_size,
+    )
     return ShardLoader(ds, num_workers)

@@ -384,8 +384,12 @@ def render(spec: PhantomSpec, key: str, size: int = 256) -> np.ndarray:
     img = ch.compose()
     # exposure (gamma), detector noise, pose jitter, then the unsharpness of a real radiograph
     gamma = float(rng.uniform(0.8, 1.25))
-    lut = np.clip(255 * (np.arange(256) / 255) ** gamma, 0, 255)  # gamma on 256 levels, not per pixel
-    noise = rng.standard_normal(img.shape, dtype=np.float32) * np.float32(255 * rng.uniform(0.01, 0.025))
+    lut = np.clip(
+        255 * (np.arange(256) / 255) ** gamma, 0, 255
+    )  # gamma on 256 levels, not per pixel
+    noise = rng.standard_normal(img.shape, dtype=np.float32) * np.float32(
+        255 * rng.uniform(0.01, 0.025)
+    )
     img = lut[np.clip(img * 255, 0, 255).astype(np.uint8)] + noise
     pil = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "L")
     angle, scale = float(rng.uniform(-4, 4)), float(rng.uniform(0.95, 1.05))

@@ -21,12 +21,18 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def all_meta(root: Path) -> list[dict]:
-    return [json.loads(m["json"]) for s in resolve_shards(str(root), "text") for _, m in read_tar(s.path)]
+    return [
+        json.loads(m["json"])
+        for s in resolve_shards(str(root), "text")
+        for _, m in read_tar(s.path)
+    ]
 
 
 def test_openi_manifest_counts_and_samples(openi_shards):
     m = load_manifest(openi_shards)
-    assert m["source"] == "openi" and m["synthetic_images"] is True and m["label_source"] == "labeler"
+    assert (
+        m["source"] == "openi" and m["synthetic_images"] is True and m["label_source"] == "labeler"
+    )
     assert m["records_read"] == 240
     assert m["samples"] + sum(m["skipped"].values()) == 240  # every report written or counted
     assert all(m["splits"][s] > 0 for s in ("train", "val", "test"))
@@ -42,8 +48,11 @@ def test_openi_manifest_counts_and_samples(openi_shards):
     assert by_key["openi-1-0"]["mesh"] == ["normal"]
     assert by_key["openi-1-0"]["labels"].get("No Finding") == 1
     # image and text shards: same keys, same order
-    for img, txt in zip(resolve_shards(str(openi_shards), "image"), resolve_shards(str(openi_shards), "text"),
-                        strict=True):
+    for img, txt in zip(
+        resolve_shards(str(openi_shards), "image"),
+        resolve_shards(str(openi_shards), "text"),
+        strict=True,
+    ):
         assert img.name == txt.name
         image_members = [(k, sorted(v)) for k, v in read_tar(img.path)]
         assert [k for k, _ in image_members] == [k for k, _ in read_tar(txt.path)]
@@ -61,8 +70,13 @@ def test_hash_split_is_deterministic_with_requested_fractions():
     ids = [f"p{i}" for i in range(20000)]
     got = Counter(assign_split(p, (0.7, 0.2, 0.1)) for p in ids)
     assert abs(got["train"] / 20000 - 0.7) < 0.02 and abs(got["val"] / 20000 - 0.2) < 0.02
-    assert [assign_split(p, (0.7, 0.2, 0.1)) for p in ids[:50]] == [assign_split(p, (0.7, 0.2, 0.1)) for p in ids[:50]]
-    assert assign_split("p1", (1.0, 0.0, 0.0)) == "train" and assign_split("p1", (0.0, 0.0, 1.0)) == "test"
+    assert [assign_split(p, (0.7, 0.2, 0.1)) for p in ids[:50]] == [
+        assign_split(p, (0.7, 0.2, 0.1)) for p in ids[:50]
+    ]
+    assert (
+        assign_split("p1", (1.0, 0.0, 0.0)) == "train"
+        and assign_split("p1", (0.0, 0.0, 1.0)) == "test"
+    )
 
 
 def test_stats_and_verify_cli(openi_shards, capsys):
@@ -93,25 +107,72 @@ def test_cli_bad_input_exits_2(openi_shards, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "unknown source 'nope'" in err and "openi" in err and "padchest" in err
     # an output folder holding shards of another source
-    assert main(["shards", "build", "--source", "padchest", "--out", str(openi_shards), "--quiet"]) == 2
+    assert (
+        main(["shards", "build", "--source", "padchest", "--out", str(openi_shards), "--quiet"])
+        == 2
+    )
     assert "holds shards of another source ('openi'" in capsys.readouterr().err
     # same source, other options
-    assert main(["shards", "build", "--source", "openi", "--out", str(openi_shards), "--images", "render",
-                 "--maxcount", "240", "--shard-size", "32", "--image-size", "128", "--quiet"]) == 2
+    assert (
+        main(
+            [
+                "shards",
+                "build",
+                "--source",
+                "openi",
+                "--out",
+                str(openi_shards),
+                "--images",
+                "render",
+                "--maxcount",
+                "240",
+                "--shard-size",
+                "32",
+                "--image-size",
+                "128",
+                "--quiet",
+            ]
+        )
+        == 2
+    )
     assert "other options (image_size)" in capsys.readouterr().err
     # a folder with unrelated files
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("mine")
     assert main(["shards", "build", "--source", "padchest", "--out", str(tmp_path / "mine")]) == 2
     assert "not empty" in capsys.readouterr().err
-    assert main(["shards", "build", "--source", "openi", "--out", str(tmp_path / "y"), "--splits", "0.5,0.5"]) == 2
+    assert (
+        main(
+            [
+                "shards",
+                "build",
+                "--source",
+                "openi",
+                "--out",
+                str(tmp_path / "y"),
+                "--splits",
+                "0.5,0.5",
+            ]
+        )
+        == 2
+    )
     assert main(["shards", "verify", str(tmp_path / "mine")]) == 2  # no manifest: a clear error
 
 
 def test_rerun_of_complete_build_is_a_no_op(openi_shards):
     before = {p: p.stat().st_mtime_ns for p in openi_shards.rglob("*.tar")}
-    m = build(BuildOptions(source="openi", out=str(openi_shards), images="render", maxcount=240,
-                           shard_size=32, image_size=64, workers=1), progress=False)
+    m = build(
+        BuildOptions(
+            source="openi",
+            out=str(openi_shards),
+            images="render",
+            maxcount=240,
+            shard_size=32,
+            image_size=64,
+            workers=1,
+        ),
+        progress=False,
+    )
     assert m["samples"] == load_manifest(openi_shards)["samples"]
     assert before == {p: p.stat().st_mtime_ns for p in openi_shards.rglob("*.tar")}
 
@@ -119,14 +180,30 @@ def test_rerun_of_complete_build_is_a_no_op(openi_shards):
 def test_padchest_text_only_resumes_after_kill(tmp_path):
     """Kill a real build process mid-way, rerun: complete shards kept, partial redone, same bytes."""
     args = ["--source", "padchest", "--maxcount", "6000", "--shard-size", "100", "--workers", "1"]
-    ref = build(BuildOptions(source="padchest", out=str(tmp_path / "ref"), maxcount=6000, shard_size=100,
-                             workers=1), progress=False)
+    ref = build(
+        BuildOptions(
+            source="padchest", out=str(tmp_path / "ref"), maxcount=6000, shard_size=100, workers=1
+        ),
+        progress=False,
+    )
     assert ref["synthetic_images"] is False and ref["label_source"] == "padchest"
-    assert all(s["image"] is None for s in ref["shards"]) and not (tmp_path / "ref" / "images").exists()
+    assert (
+        all(s["image"] is None for s in ref["shards"])
+        and not (tmp_path / "ref" / "images").exists()
+    )
     assert ref["samples"] + sum(ref["skipped"].values()) == 6000
 
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "llmclip.data.commands", "build", "--out", str(out), "--quiet", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "llmclip.data.commands",
+        "build",
+        "--out",
+        str(out),
+        "--quiet",
+        *args,
+    ]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     state = out / STATE
     deadline = time.time() + 120
@@ -141,7 +218,10 @@ def test_padchest_text_only_resumes_after_kill(tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (out / "manifest.json").exists()
-    kept = {e["text"]: (out / e["text"]).stat().st_mtime_ns for e in json.loads(state.read_text())["shards"]}
+    kept = {
+        e["text"]: (out / e["text"]).stat().st_mtime_ns
+        for e in json.loads(state.read_text())["shards"]
+    }
     assert len(kept) >= 4
 
     assert main(["shards", "build", "--out", str(out), "--quiet", *args]) == 0

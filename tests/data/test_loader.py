@@ -26,17 +26,23 @@ def split_keys(root: Path, split: str) -> int:
 
 
 def test_image_batches_and_exact_epoch(openi_shards):
-    loader = make_loader(f"{openi_shards}:train", kind="image", batch_size=16, image_size=48, num_workers=2)
+    loader = make_loader(
+        f"{openi_shards}:train", kind="image", batch_size=16, image_size=48, num_workers=2
+    )
     batches = list(loader)
     keys = [k for b in batches for k in b["key"]]
     assert len(keys) == len(set(keys)) == split_keys(openi_shards, "train")
     b = batches[0]
     assert b["image"].dtype == torch.uint8 and tuple(b["image"].shape[1:]) == (3, 48, 48)
     assert b["image"].float().std() > 10  # real pixels, not a blank tensor
-    assert all(m["key"] == k and m["split"] == "train" for m, k in zip(b["meta"], b["key"], strict=True))
+    assert all(
+        m["key"] == k and m["split"] == "train" for m, k in zip(b["meta"], b["key"], strict=True)
+    )
     assert all(s.startswith("train-") for s in b["shard"])
     assert not loader.skipped and not loader.ignored and loader.samples == len(keys)
-    one = make_loader(f"{openi_shards}:val", kind="image", batch_size=4, image_size=32, channels=1, num_workers=0)
+    one = make_loader(
+        f"{openi_shards}:val", kind="image", batch_size=4, image_size=32, channels=1, num_workers=0
+    )
     assert tuple(next(iter(one))["image"].shape) == (4, 1, 32, 32)
 
 
@@ -50,7 +56,9 @@ def test_epoch_order_is_deterministic_from_seed_and_epoch(openi_shards):
     loader.set_epoch(2)
     assert keys_of(loader) == c
     plain = keys_of(make_loader(spec, kind="text", batch_size=8, shuffle=False, num_workers=0))
-    assert plain == [k for s in resolve_shards(spec, "text") for k, _ in read_tar(s.path)]  # file order
+    assert plain == [
+        k for s in resolve_shards(spec, "text") for k, _ in read_tar(s.path)
+    ]  # file order
 
 
 def test_epoch_samples_and_resampled(openi_shards):
@@ -62,7 +70,15 @@ def test_epoch_samples_and_resampled(openi_shards):
     got = Counter(k for b in batches for k in b["key"])
     assert set(got) <= set(keys_of(make_loader(spec, kind="text", batch_size=64)))
     assert len(got) > 0.5 * n  # cycles through the shards (the shuffle buffer reads ahead)
-    res = make_loader(spec, kind="image", batch_size=7, image_size=32, num_workers=2, resampled=True, epoch_samples=50)
+    res = make_loader(
+        spec,
+        kind="image",
+        batch_size=7,
+        image_size=32,
+        num_workers=2,
+        resampled=True,
+        epoch_samples=50,
+    )
     assert sum(len(b["key"]) for b in res) == 50 and len(res) == 8
     with pytest.raises(ConfigError, match="resampled"):
         make_loader(spec, kind="text", batch_size=4, resampled=True)
@@ -71,12 +87,31 @@ def test_epoch_samples_and_resampled(openi_shards):
 def test_fewer_shards_than_readers_split_by_sample(openi_shards):
     """1 val shard, 3 ranks x 2 workers: every reader reads the shard and keeps its share."""
     spec = f"{openi_shards}:val"
-    per_rank = [keys_of(make_loader(spec, kind="text", batch_size=4, num_workers=2, rank=r, world_size=3))
-                for r in range(3)]
+    per_rank = [
+        keys_of(make_loader(spec, kind="text", batch_size=4, num_workers=2, rank=r, world_size=3))
+        for r in range(3)
+    ]
     allk = [k for ks in per_rank for k in ks]
-    assert all(per_rank) and sorted(allk) == sorted(set(allk)) and len(allk) == split_keys(openi_shards, "val")
-    quota = [sum(len(b["key"]) for b in make_loader(spec, kind="text", batch_size=4, num_workers=2, rank=r,
-                                                     world_size=3, epoch_samples=40)) for r in range(3)]
+    assert (
+        all(per_rank)
+        and sorted(allk) == sorted(set(allk))
+        and len(allk) == split_keys(openi_shards, "val")
+    )
+    quota = [
+        sum(
+            len(b["key"])
+            for b in make_loader(
+                spec,
+                kind="text",
+                batch_size=4,
+                num_workers=2,
+                rank=r,
+                world_size=3,
+                epoch_samples=40,
+            )
+        )
+        for r in range(3)
+    ]
     assert quota == [40, 40, 40]
 
 
@@ -103,15 +138,22 @@ class _CreatesFile:
 
 def test_pickle_members_are_never_executed(tmp_path, openi_jpegs):
     canary = tmp_path / "canary_proof"
-    pickle.loads(pickle.dumps(_CreatesFile(str(canary))))  # the payload is live: it does create a file
+    pickle.loads(
+        pickle.dumps(_CreatesFile(str(canary)))
+    )  # the payload is live: it does create a file
     assert canary.exists()
     target = tmp_path / "pwned"
     payload = pickle.dumps(_CreatesFile(str(target)))
     members = []
     for i in range(3):
         k = f"evil-{i}"
-        members += [(f"{k}.json", json.dumps(meta(k)).encode()), (f"{k}.jpg", openi_jpegs[i]),
-                    (f"{k}.pyd", payload), (f"{k}.pickle", payload), (f"{k}.pth", payload)]
+        members += [
+            (f"{k}.json", json.dumps(meta(k)).encode()),
+            (f"{k}.jpg", openi_jpegs[i]),
+            (f"{k}.pyd", payload),
+            (f"{k}.pickle", payload),
+            (f"{k}.pth", payload),
+        ]
     root = write_shard_dir(tmp_path / "evil", [("train", 0, members, 3)])
     loader = make_loader(str(root), kind="image", batch_size=2, image_size=32, num_workers=2)
     keys = keys_of(loader)
@@ -126,12 +168,17 @@ def test_bad_samples_are_skipped_and_counted(tmp_path, openi_jpegs):
     png_trunc = b"\x89PNG\r\n\x1a\n" + b"\x00" * 40
     shard0 = [
         *good("a"),
-        ("b.json", json.dumps(meta("b")).encode()), ("b.jpg", openi_jpegs[1][: len(openi_jpegs[1]) // 2]),
-        ("c.json", json.dumps(meta("c")).encode()), ("c.png", png_trunc),
+        ("b.json", json.dumps(meta("b")).encode()),
+        ("b.jpg", openi_jpegs[1][: len(openi_jpegs[1]) // 2]),
+        ("c.json", json.dumps(meta("c")).encode()),
+        ("c.png", png_trunc),
         ("d.jpg", openi_jpegs[2]),  # no json
-        ("e.json", b'{"key": "e", "report": {"full": "caf\xe9"}}'), ("e.jpg", openi_jpegs[3]),  # not UTF-8
-        ("f.json", json.dumps(meta("f", findings="")).encode()), ("f.jpg", openi_jpegs[4]),  # empty report
-        ("g.json", b"{not json"), ("g.jpg", openi_jpegs[5]),
+        ("e.json", b'{"key": "e", "report": {"full": "caf\xe9"}}'),
+        ("e.jpg", openi_jpegs[3]),  # not UTF-8
+        ("f.json", json.dumps(meta("f", findings="")).encode()),
+        ("f.jpg", openi_jpegs[4]),  # empty report
+        ("g.json", b"{not json"),
+        ("g.jpg", openi_jpegs[5]),
         *good("h"),
         *good("a"),  # duplicate key later in the shard
         ("i.json", json.dumps(meta("i")).encode()),  # json but no image
@@ -162,8 +209,11 @@ def test_unknown_spec_and_kind_are_clear_errors(openi_shards, tmp_path):
         make_loader(f"{openi_shards}:training", kind="text", batch_size=2)
     with pytest.raises(ConfigError, match="no manifest.json"):
         make_loader(str(tmp_path), kind="text", batch_size=2)
-    root = write_shard_dir(tmp_path / "t", [("train", 0, [("x.json", json.dumps(meta("x")).encode())], 1)],
-                           text_only=True)
+    root = write_shard_dir(
+        tmp_path / "t",
+        [("train", 0, [("x.json", json.dumps(meta("x")).encode())], 1)],
+        text_only=True,
+    )
     with pytest.raises(ConfigError, match="text-only"):
         make_loader(str(root), kind="image", batch_size=2)
     m = json.loads((root / "manifest.json").read_text())
@@ -191,4 +241,3 @@ def test_decode_image_draft_jpeg_and_16bit_png():
     assert decode_image(buf.getvalue(), "jpg", 32).shape == (32, 32)
     with pytest.raises(OSError):
         decode_image(buf.getvalue(), "png", 32)  # a JPEG named .png is refused, not sniffed
-

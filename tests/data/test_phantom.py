@@ -67,12 +67,18 @@ def test_cardiomegaly_edema_nodule_devices():
     pacer = diff(PhantomSpec((Finding("Support Devices", device="pacemaker"),)))
     assert pacer.max() > 120 and region(pacer, 0.6, 0.85, 0.05, 0.25) > 15
     uncertain = diff(PhantomSpec((Finding("Pleural Effusion", "left", "large", uncertain=True),)))
-    assert 0 < region(uncertain, *LEFT_BASE) < region(diff(PhantomSpec((Finding("Pleural Effusion", "left", "large"),))), *LEFT_BASE)
+    assert (
+        0
+        < region(uncertain, *LEFT_BASE)
+        < region(diff(PhantomSpec((Finding("Pleural Effusion", "left", "large"),))), *LEFT_BASE)
+    )
 
 
 def test_spec_from_real_labeler_mentions():
-    text = ("There is a large left pleural effusion. No pneumothorax. Left-sided pacemaker in place. "
-            "Possible right lower lobe consolidation.")
+    text = (
+        "There is a large left pleural effusion. No pneumothorax. Left-sided pacemaker in place. "
+        "Possible right lower lobe consolidation."
+    )
     spec = spec_from_mentions(Labeler().label(text).mentions)
     by_obs = {f.observation: f for f in spec.findings}
     assert by_obs["Pleural Effusion"] == Finding("Pleural Effusion", "left", "large")
