@@ -330,6 +330,8 @@ def build(opts: BuildOptions, progress: bool = True) -> dict[str, Any]:
     opts.validate()
     out = Path(opts.out)
     src: Source = open_source(opts.source, opts.root, opts.images)
+    if opts.images is None and getattr(src, "default_images", None) == "render":
+        opts = dataclasses.replace(opts, images="render")  # Open-I from the package: no pixels
     prev = _check_out(out, opts)
     if prev and prev["complete"]:
         prev.pop("complete")

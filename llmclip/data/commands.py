@@ -104,7 +104,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     b.add_argument("--out", required=True, help="output folder")
     b.add_argument(
-        "--images", default=None, help="'render' (phantoms from the report) or an image folder"
+        "--images",
+        default=None,
+        help="'render' (phantoms from the report) or an image folder; default: the source's own "
+        "images, 'render' for openi, none (text-only shards) for padchest",
     )
     b.add_argument("--maxcount", type=int, default=None, help="read at most N source records")
     b.add_argument("--shard-size", type=int, default=256, help="samples per shard (default 256)")

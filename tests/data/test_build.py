@@ -239,3 +239,51 @@ def test_padchest_text_only_resumes_after_kill(tmp_path):
 def test_build_options_are_validated(tmp_path, images):
     with pytest.raises(Exception, match="--shard-size"):
         build(BuildOptions(source="openi", out=str(tmp_path / "o"), images=images, shard_size=0))
+
+
+def test_openi_without_images_flag_renders(tmp_path):
+    out = tmp_path / "o"
+    assert (
+        main(
+            [
+                "shards",
+                "build",
+                "--source",
+                "openi",
+                "--out",
+                str(out),
+                "--maxcount",
+                "12",
+                "--image-size",
+                "32",
+                "--workers",
+                "1",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    m = load_manifest(out)
+    assert m["synthetic_images"] and m["build"]["images"] == "render" and m["records_read"] == 12
+    assert all(s["image"] for s in m["shards"])
+    # the explicit flag is the same build: a rerun with it is a no-op, not a conflict
+    assert (
+        main(
+            [
+                "shards",
+                "build",
+                "--source",
+                "openi",
+                "--out",
+                str(out),
+                "--maxcount",
+                "12",
+                "--image-size",
+                "32",
+                "--images",
+                "render",
+                "--quiet",
+            ]
+        )
+        == 0
+    )

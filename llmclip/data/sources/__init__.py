@@ -63,6 +63,8 @@ class Source(Protocol):
     """The source provides pixels itself (a folder of images); False: text-only unless rendered."""
     total: int | None
     """Number of records if known cheaply (for the progress bar)."""
+    default_images: str | None
+    """What ``--images`` means when omitted: "render" for sources without pixels to offer."""
 
     def __iter__(self) -> Iterator[Record]: ...
 

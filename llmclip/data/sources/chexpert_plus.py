@@ -72,6 +72,7 @@ class CheXpertPlusSource:
     csv_path: Path
     render: bool
     name: str = NAME
+    default_images: str | None = None
     total: int | None = None
 
     @property

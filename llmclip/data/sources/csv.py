@@ -34,6 +34,7 @@ class CSVSource:
     path: Path
     render: bool
     name: str = NAME
+    default_images: str | None = None
     total: int | None = None
     has_images: bool = False
 

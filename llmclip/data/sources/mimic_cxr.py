@@ -84,6 +84,7 @@ class MimicSource:
     root: Path
     render: bool
     name: str = NAME
+    default_images: str | None = None
     total: int | None = None
     _report_cache: dict[str, tuple[str | None, str | None]] = field(default_factory=dict)
 

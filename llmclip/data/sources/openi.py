@@ -10,8 +10,8 @@ same ``.tgz`` or to a folder of the extracted ``*.xml`` files.
 - Open-I has no patient identifiers: each report uid (``CXR1234``) is treated as its own patient,
   so the patient-level split is a report-level split for this source.
 - With ``--images PATH`` (a folder of the Open-I PNGs named ``CXR1_1_IM-0001-3001.png``) each image of
-  a report is a sample ``openi-<uid>-<i>``; otherwise one sample ``openi-<uid>-0`` per report, whose
-  image is rendered from the report (a phantom).
+  a report is a sample ``openi-<uid>-<i>``; otherwise (``--images render``, also the default) one
+  sample ``openi-<uid>-0`` per report, whose image is rendered from the report (a phantom).
 
 XML is parsed with ``xml.etree`` after refusing any document with a DTD or entity declaration, so
 neither external entities nor entity expansion ("billion laughs") can be triggered by a crafted file.
@@ -74,6 +74,7 @@ class OpenISource:
     image_dir: Path | None
     name: str = NAME
     total: int | None = None
+    default_images: str | None = "render"  # the packaged reports have no images: draw phantoms
 
     @property
     def has_images(self) -> bool:

@@ -111,6 +111,7 @@ class PadChestSource:
     path: Path
     image_dir: Path | None
     name: str = NAME
+    default_images: str | None = None
     total: int | None = TOTAL_ROWS
 
     @property
