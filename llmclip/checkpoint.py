@@ -75,7 +75,9 @@ def _inner_optimizer(engine: Any) -> torch.optim.Optimizer:
 
 def _wrapped(engine: Any, param: nn.Parameter) -> bool:
     """True when DeepSpeed keeps this parameter's fp32 master and moments in flat partitions."""
-    return hasattr(param, "ds_id") or getattr(param, "_hp_mapping", None) is not None
+    # ZeRO-1/2 give every parameter an ``_hp_mapping`` attribute, None on ranks whose partition holds
+    # no fragment of it; the gather/scatter helpers are collectives, so every rank must take this path.
+    return hasattr(param, "ds_id") or hasattr(param, "_hp_mapping")
 
 
 def _moment_keys(inner: torch.optim.Optimizer) -> list[str]:
