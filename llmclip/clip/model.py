@@ -123,7 +123,7 @@ class ModelConfig:
 # Relation kinds of ReportGraph edges. Unknown kinds share the last slot; self loops are separate.
 RELATIONS = ("located_at", "modify", "suggestive_of", "other")
 STATUSES = ("none", "positive", "negative", "uncertain")
-NODE_TYPES = ("report", "finding", "anatomy", "device", "other")
+NODE_TYPES = ("report", "finding", "device", "anatomy", "modifier", "other")
 
 
 class GraphEncoder(nn.Module):
