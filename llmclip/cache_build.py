@@ -350,11 +350,11 @@ def build_cache(opts: BuildOptions, encoder: Any = None) -> BuildResult:
     out.mkdir(parents=True, exist_ok=True)
 
     cuda = torch.cuda.is_available()
-    if not cuda:
-        _share_cpu_threads(torch)
-    if encoder is None:
+    if encoder is None:  # a caller that passes its encoder also chose its threads
         from llmclip.text.encoder import LLMEncoder
 
+        if not cuda:
+            _share_cpu_threads(torch)
         device = f"cuda:{env.local_rank}" if cuda else "cpu"
         bf16 = opts.precision == "bf16" or (opts.precision == "auto" and cuda)
         encoder = LLMEncoder.from_dir(

@@ -68,9 +68,16 @@ def _assert_same_cache(a: Path, b: Path) -> None:
 
 @pytest.fixture(scope="module")
 def encoder(tiny_encoder_dir):
+    import torch
+
     from llmclip.text.encoder import LLMEncoder
 
-    return LLMEncoder.from_dir(tiny_encoder_dir)
+    # One thread, as the subprocesses get: a 2-core CI box shared with other jobs makes 2 OpenMP
+    # threads spin at every barrier (measured ~9x slower under load).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield LLMEncoder.from_dir(tiny_encoder_dir)
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
