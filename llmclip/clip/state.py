@@ -74,9 +74,7 @@ def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
 
 
-def export_final(
-    out: Path, engine: Any, module: torch.nn.Module, meta: dict[str, Any], env: DistEnv
-) -> Path:
+def export_final(out: Path, module: torch.nn.Module, meta: dict[str, Any], env: DistEnv) -> Path:
     """``RUN/final/`` with the model weights and ``clip.json``, renamed into place when complete."""
     from safetensors.torch import save_file
 

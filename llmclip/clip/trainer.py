@@ -327,6 +327,13 @@ class Stage2Trainer:
         }
 
     def save(self) -> None:
+        opt = self.engine.optimizer
+        if hasattr(opt, "_hp_optimizer_states_linked"):
+            # ZeRO-1/2 step their param groups one at a time and link the per-parameter views of
+            # the optimizer state after the first group's first step only, so later groups' views
+            # miss exp_avg/exp_avg_sq. Relink now that every group has state (cheap: views).
+            opt._hp_optimizer_states_linked = False
+            opt._lazy_init_hp_params_optimizer_state()
         pos = torch.tensor(
             [self.stream.epoch, self.stream.consumed], dtype=torch.long, device=self.device
         )
