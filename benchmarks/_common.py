@@ -1,0 +1,209 @@
+"""Shared helpers of the performance benchmarks: interleaved timing, medians, tables, peak RSS.
+
+The machines these run on are small shared CPUs whose speed drifts by tens of percent within a
+minute. Every benchmark therefore times its contenders *side by side*: repetition ``i`` runs each
+contender once, in an order that rotates every repetition, and only medians are compared. A slow
+patch of the machine then hits every contender about equally, and the ratio survives it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def interleaved(
+    runners: dict[str, Callable[[], object]], reps: int, warmup: int = 1
+) -> dict[str, list[float]]:
+    """Seconds per call of each runner, ``reps`` times, in rotating order; warm-up calls untimed.
+
+    Rotation (A B C, B C A, C A B, ...) makes every contender run first, middle and last equally
+    often, so caches, clock boost and a neighbour's load do not favour one of them.
+    """
+    names = list(runners)
+    for _ in range(warmup):
+        for n in names:
+            runners[n]()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for i in range(reps):
+        k = i % len(names)
+        for n in names[k:] + names[:k]:
+            t0 = time.perf_counter()
+            runners[n]()
+            times[n].append(time.perf_counter() - t0)
+    return times
+
+
+def median(xs: Sequence[float]) -> float:
+    return float(statistics.median(xs))
+
+
+def spread(xs: Sequence[float]) -> float:
+    """Relative half-range of the middle half (a noise figure printed next to every median)."""
+    if len(xs) < 4:
+        return (max(xs) - min(xs)) / (2 * median(xs)) if len(xs) > 1 else 0.0
+    q = statistics.quantiles(xs, n=4)
+    return (q[2] - q[0]) / (2 * median(xs))
+
+
+def paired_ratio(num: Sequence[float], den: Sequence[float]) -> float:
+    """Median of per-repetition ratios num[i] / den[i] (each pair ran back to back)."""
+    return median([a / b for a, b in zip(num, den, strict=True)])
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A plain fixed-width table (right-aligned numbers, left-aligned text)."""
+    cells = [[_fmt(c) for c in r] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+
+    def line(vals: Sequence[str], raw: Sequence[object] | None = None) -> str:
+        out = []
+        for i, v in enumerate(vals):
+            numeric = raw is not None and isinstance(raw[i], (int, float))
+            out.append(v.rjust(widths[i]) if numeric else v.ljust(widths[i]))
+        return "  ".join(out).rstrip()
+
+    sep = "  ".join("-" * w for w in widths)
+    return "\n".join([line(headers), sep, *(line(c, r) for c, r in zip(cells, rows, strict=True))])
+
+
+def _fmt(v: object) -> str:
+    if isinstance(v, float):
+        if v == 0:
+            return "0"
+        if abs(v) >= 1000:
+            return f"{v:,.0f}"
+        if abs(v) >= 10:
+            return f"{v:.1f}"
+        return f"{v:.3g}"
+    return str(v)
+
+
+THREADS_HELP = (
+    "torch intra-op threads per contender (default 1; 0 = all cores). On a shared 2-core machine "
+    "two OpenMP threads spin-wait for each other whenever a neighbour takes a core (measured: a "
+    "stage-1 step 4x slower with 2 threads than with 1 under load), which turns ratios into noise"
+)
+
+
+def set_threads(n: int) -> int:
+    """Pin intra-op threads (0 = all cores); returns the count in use."""
+    import torch
+
+    n = n or os.cpu_count() or 1
+    torch.set_num_threads(n)
+    return n
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def single_rank_env() -> None:
+    """Environment of a 1-rank process group, so ``deepspeed.initialize`` runs in this process."""
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+
+
+def openi_texts(n: int) -> list[str]:
+    """``n`` real Open-I reports (findings + impression), cycled if ``n`` exceeds the archive."""
+    from llmclip.assets import openi_reports_tgz
+    from llmclip.clinical.openi import read_openi
+
+    texts = [r.text for r in read_openi(openi_reports_tgz()) if r.text]
+    return [texts[i % len(texts)] for i in range(n)]
+
+
+def offline_hub() -> None:
+    """Benchmarks build every model from a config; never reach a hub."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+# ------------------------------------------------------------------------------------------------
+# Peak memory of a command (its whole process tree)
+# ------------------------------------------------------------------------------------------------
+
+
+class TreeRSS:
+    """Samples the summed RSS of a process and all its descendants; ``peak`` in bytes.
+
+    Summing the tree matters: shard building and the DeepSpeed launcher do their work in child
+    processes, whose memory the parent's own ``ru_maxrss`` never sees.
+    """
+
+    def __init__(self, pid: int, interval: float = 0.05):
+        import psutil
+
+        self.proc = psutil.Process(pid)
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import psutil
+
+        while not self._stop.is_set():
+            total = 0
+            try:
+                procs = [self.proc, *self.proc.children(recursive=True)]
+            except psutil.Error:
+                break
+            for p in procs:
+                try:
+                    total += p.memory_info().rss
+                except psutil.Error:
+                    pass
+            self.peak = max(self.peak, total)
+            self._stop.wait(self.interval)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
+def run_measured(
+    cmd: Sequence[str],
+    *,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    timeout: float = 1800,
+    log: Path | None = None,
+) -> tuple[float, int]:
+    """Run ``cmd``; return (wall seconds, peak RSS bytes of its process tree). Fails loudly."""
+    out = open(log, "w", encoding="utf-8") if log else subprocess.DEVNULL  # noqa: SIM115
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        list(cmd), env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT if log else None
+    )
+    sampler = TreeRSS(proc.pid)
+    try:
+        rc = proc.wait(timeout=timeout)
+    finally:
+        peak = sampler.stop()
+        if log:
+            out.close()
+    wall = time.perf_counter() - t0
+    if rc != 0:
+        tail = log.read_text(encoding="utf-8")[-3000:] if log else ""
+        sys.exit(f"command failed ({rc}): {' '.join(cmd)}\n{tail}")
+    return wall, peak
