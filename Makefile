@@ -23,6 +23,8 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP)
+	@# tests/slurm need a real one-node SLURM: as root (CI) install and start it, or fail here.
+	@if [ "$$(id -u)" = 0 ]; then tests/slurm/cluster_up.sh; fi
 	$(BIN)/python -m pytest -q tests
 
 demo: $(STAMP)

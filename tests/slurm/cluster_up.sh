@@ -70,9 +70,11 @@ SlurmctldHost=$HOST
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-# A requeued job waits cred_expire (default 120 s) before it may start again; the preemption test
-# requeues a job, so this test cluster shortens the wait. Real clusters keep their own value.
-AuthInfo=cred_expire=15
+# A requeued job waits cred_expire (default 120 s), then for the next scheduling pass (up to 30-60 s)
+# before it starts again; the preemption test requeues a job, so this test cluster shortens both.
+# Real clusters keep their own values.
+AuthInfo=cred_expire=5
+SchedulerParameters=sched_interval=2,bf_interval=2
 CredType=cred/munge
 MpiDefault=none
 ProctrackType=proctrack/linuxproc
@@ -109,7 +111,7 @@ up() { case "$(node_state)" in idle | mix | alloc | comp) return 0 ;; esac; retu
 if [ "$changed" = 0 ] && up; then log "cluster already up ($HOST: $(node_state))"; exit 0; fi
 
 # --- 4. daemons --------------------------------------------------------------------------------
-running() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+running() { [ -f "$1" ] && kill -0 "$(cat "$1" 2>/dev/null)" 2>/dev/null; }
 if [ "$changed" = 1 ]; then
   # A new config needs fresh daemons; stop only the ones whose pid files we wrote.
   for pidf in /run/slurmd.pid /run/slurmctld.pid; do
