@@ -256,7 +256,13 @@ def run(cfg: Stage1Config) -> int:
     import deepspeed
     import yaml
 
-    from llmclip.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from llmclip.checkpoint import (
+        PREEMPTED_EXIT_CODE,
+        PreemptionHandler,
+        latest_checkpoint,
+        load_checkpoint,
+        save_checkpoint,
+    )
     from llmclip.distributed import all_gather_no_grad, barrier, init_distributed
     from llmclip.text.export import export_final
     from llmclip.text.objectives import blank_token_id
@@ -321,6 +327,7 @@ def run(cfg: Stage1Config) -> int:
 
         bar = tqdm(total=cfg.optim.max_steps, initial=start, desc="stage1", unit="step", dynamic_ncols=True)
     nonfinite, step = 0, start
+    preempt = PreemptionHandler()  # SIGUSR1 from slurm/launch.sh: checkpoint, exit, get requeued
     while step < cfg.optim.max_steps:
         kind = "mntp" if step < cfg.stage1.mntp_steps else "contrastive"
         t0 = time.perf_counter()
@@ -365,6 +372,13 @@ def run(cfg: Stage1Config) -> int:
             consumed = all_gather_no_grad(torch.tensor([stream.consumed], device=device)).tolist()
             save_checkpoint(out, step, engine, {"data": {"consumed_per_rank": consumed}},
                             keep=cfg.run.keep_checkpoints)
+        if step < cfg.optim.max_steps and preempt.requested():  # every rank, same step
+            consumed = all_gather_no_grad(torch.tensor([stream.consumed], device=device)).tolist()
+            save_checkpoint(out, step, engine, {"data": {"consumed_per_rank": consumed}},
+                            keep=cfg.run.keep_checkpoints)
+            log.warning("SIGUSR1: checkpoint at step %d written; exit %d to be requeued", step,
+                        PREEMPTED_EXIT_CODE)
+            return PREEMPTED_EXIT_CODE
     if bar is not None:
         bar.close()
     consumed = all_gather_no_grad(torch.tensor([stream.consumed], device=device)).tolist()
