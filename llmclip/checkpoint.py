@@ -235,6 +235,13 @@ def load_checkpoint(path: str | Path, engine: Any) -> dict[str, Any]:
     if engine.lr_scheduler is not None:
         engine.lr_scheduler.load_state_dict(
             torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
+        # load_state_dict restores the schedule's position but not the optimizer's current LRs (a
+        # scheduler writes them only on step()): without this the first resumed step used the LR of
+        # step 0.
+        last = getattr(engine.lr_scheduler, "_last_lr", None)
+        if last is not None:
+            for group, lr in zip(engine.lr_scheduler.optimizer.param_groups, last, strict=True):
+                group["lr"] = lr
     step = int(info["step"])
     accum = int(engine.gradient_accumulation_steps())
     engine.global_steps = step
