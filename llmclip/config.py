@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import sys
 import types
@@ -96,10 +97,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"expected an integer, got {value!r}", key)
+        if not -(2**63) <= value < 2**63:  # torch, numpy and seeds overflow beyond int64
+            raise ConfigError(f"integer out of range, got {value!r}", key)
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"expected a number, got {value!r}", key)
+        if not math.isfinite(value):  # YAML .nan/.inf: no option means NaN or infinity
+            raise ConfigError(f"expected a finite number, got {value!r}", key)
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -283,6 +288,8 @@ class OptimConfig:
     def validate(self) -> None:
         if not self.lr > 0:
             raise ConfigError(f"must be > 0, got {self.lr}", "lr")
+        if not self.eps > 0:
+            raise ConfigError(f"must be > 0, got {self.eps}", "eps")
         if self.weight_decay < 0:
             raise ConfigError("must be >= 0", "weight_decay")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
@@ -311,6 +318,8 @@ class DeepSpeedSection:
     """``auto`` = bf16 on CUDA, fp32 on CPU."""
 
     def validate(self) -> None:
+        if not self.config:
+            raise ConfigError("must name a DeepSpeed JSON file", "config")
         require_file(self.config, "config")
         if self.zero_stage is not None and self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError("must be 0, 1, 2 or 3", "zero_stage")
