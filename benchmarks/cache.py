@@ -47,9 +47,7 @@ def untrained_encoder_dir(work: Path, model: str, keep_layers: int) -> Path:
     if (out / "encoder.json").exists():
         return out
     source = {"tiny": "tiny:llama", "smollm2": "asset:smollm2-135m"}[model]
-    cfg = ModelConfig(
-        source=source, keep_layers=keep_layers, cache_dir=str(work / "models"), max_length=512
-    )
+    cfg = ModelConfig(source=source, keep_layers=keep_layers, max_length=512)
     enc = LLMEncoder.build(cfg, torch.float32, lora=False)
     return save_encoder_dir(
         out,
@@ -73,7 +71,9 @@ def naive_extract(enc, shards) -> tuple[dict[str, np.ndarray], float, int, int, 
         texts = [r["full"].strip() for _, r in read_reports(s.path)]
         rows = []
         for i in range(0, len(texts), NAIVE_BATCH):
-            batch = enc.tokenize(texts[i : i + NAIVE_BATCH], getattr(enc, "instruction", None), device=device)
+            batch = enc.tokenize(
+                texts[i : i + NAIVE_BATCH], getattr(enc, "instruction", None), device=device
+            )
             with torch.inference_mode():
                 rows.append(enc(**batch).float().cpu().numpy())
             real += int(batch["attention_mask"].sum())
