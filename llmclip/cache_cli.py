@@ -177,8 +177,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
         + (
             f"wrote {Path(args.out) / META}"
             if res.meta_written
-            else "meta.json is written by the "
-            "rank that finishes last (rerun to finish an interrupted build)"
+            else "other shards are not complete yet: the rank that completes the last one "
+            "writes meta.json (if none did, e.g. a rank was killed, rerun the same command)"
         ),
         file=sys.stderr,
     )
