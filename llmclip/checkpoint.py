@@ -97,13 +97,19 @@ def _ensure_state(engine: Any, keys: list[str], step: float) -> None:
     """Create Adam-style state (zeros + step) where the optimizer has not stepped yet, so saved
     moments can be written into it; then let DeepSpeed link its per-parameter views to it."""
     inner = _inner_optimizer(engine)
-    for group in inner.param_groups:
-        for p in group["params"]:
-            state = inner.state[p]
-            for k in keys:
-                if k not in state:
-                    state[k] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["step"] = torch.tensor(float(step))
+    tensors = [p for group in inner.param_groups for p in group["params"]]
+    # ZeRO-3 hands its flat fp32 partitions to the torch optimizer only during step().
+    tensors += list(getattr(engine.optimizer, "fp32_partitioned_groups_flat", None) or [])
+    seen: set[int] = set()
+    for p in tensors:
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        state = inner.state[p]
+        for k in keys:
+            if k not in state:
+                state[k] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["step"] = torch.tensor(float(step))
     link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
     if callable(link):
         link()

@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from llmclip.config import ConfigError
 from llmclip.text.pooling import build_pooler
-from llmclip.text.sources import TinyLlamaSpec, check_decoder, resolve_source
+from llmclip.text.sources import TinyLlamaSpec, check_decoder, check_source, resolve_source
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,7 @@ class ModelConfig:
     def validate(self) -> None:
         if not self.source:
             raise ConfigError("must not be empty", "source")
+        check_source(self.source)
         if self.keep_layers < 0:
             raise ConfigError("must be >= 0", "keep_layers")
         if self.max_length < 8:
@@ -114,17 +115,26 @@ def pick_attention(requested: str) -> str:
     return chosen
 
 
+def _set_causal(model: nn.Module, causal: bool) -> None:
+    model.config.is_causal = causal
+    for module in model.modules():
+        if hasattr(module, "is_causal") and isinstance(module.is_causal, bool):
+            module.is_causal = causal
+        cfg = getattr(module, "config", None)
+        if cfg is not None and hasattr(cfg, "model_type"):
+            cfg.is_causal = causal
+
+
 def make_bidirectional(model: nn.Module) -> None:
     """Drop the causal mask (padding stays masked). Both switches are needed in transformers 5:
     ``config.is_causal`` selects the bidirectional mask, and each attention module's ``is_causal``
     stops SDPA/flash from re-adding causality when the mask is skipped (no padding in the batch)."""
-    model.config.is_causal = False
-    for module in model.modules():
-        if hasattr(module, "is_causal") and isinstance(module.is_causal, bool):
-            module.is_causal = False
-        cfg = getattr(module, "config", None)
-        if cfg is not None and hasattr(cfg, "model_type"):
-            cfg.is_causal = False
+    _set_causal(model, False)
+
+
+def make_causal(model: nn.Module) -> None:
+    """Restore the decoder's own causal attention (the untrained-LLM baseline)."""
+    _set_causal(model, True)
 
 
 class LLMEncoder(nn.Module):

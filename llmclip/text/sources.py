@@ -179,6 +179,25 @@ def check_decoder(config: dict[str, Any], where: str) -> None:
             f"supported model types: {', '.join(DECODER_TYPES)}", "model.source")
 
 
+def check_source(source: str) -> None:
+    """Cheap checks of ``model.source`` at config time (no model is loaded, nothing is converted)."""
+    if source in (TINY, SMOLLM2):
+        return
+    if source.startswith(("asset:", "tiny:")):
+        raise ConfigError(f"unknown built-in model {source!r}; known: {SMOLLM2}, {TINY}", "model.source")
+    path = Path(source).expanduser()
+    if source.endswith(".gguf"):
+        if not path.is_file():
+            raise ConfigError(f"GGUF file not found: {path}", "model.source")
+        return
+    if path.is_dir():
+        check_decoder(read_model_config(path), str(path))
+    elif path.exists():
+        raise ConfigError(f"{path} is a file; give a model folder or a .gguf file", "model.source")
+    elif source.startswith((".", "/", "~")) or source.count("/") != 1:
+        raise ConfigError(f"model folder not found and not a hub id: {source}", "model.source")
+
+
 def resolve_source(source: str, tiny: TinyLlamaSpec, cache_dir: str | None = None) -> str:
     """A local folder (built or converted if needed) or a hub id for ``from_pretrained``."""
     if source == TINY:

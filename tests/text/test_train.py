@@ -1,0 +1,177 @@
+"""Stage 1 under the real ``deepspeed`` launcher on 2 CPU ranks: 4-bit NF4 + LoRA + ZeRO-3 trains,
+exports a loadable encoder dir, and a run killed mid-way resumes to the same losses. Bad configs
+fail with exit code 2 and a message naming the key, before any heavy work."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from llmclip.config import EXIT_CONFIG
+from llmclip.train import main
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = REPO / "configs" / "stage1" / "tiny.yaml"
+STEPS, SAVE_EVERY, KILL_AFTER = 8, 4, 6
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(out: Path, shards: Path, log: Path) -> subprocess.Popen:
+    deepspeed = Path(sys.executable).parent / "deepspeed"
+    cmd = [str(deepspeed), "--master_port", str(_free_port()), "--num_gpus", "2", str(REPO / "llmclip" / "train.py"),
+           "--config", str(TINY), "--set", f"run.out_dir={out}", "--set", f"data.shards={shards}:train",
+           "--set", f"optim.max_steps={STEPS}", "--set", f"run.save_every={SAVE_EVERY}",
+           "--set", "stage1.mntp_steps=3"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def _finish(proc: subprocess.Popen, log: Path, timeout: float = 420) -> None:
+    try:
+        rc = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    assert rc == 0, log.read_text(errors="replace")[-4000:]
+
+
+def _metrics(out: Path) -> list[dict]:
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+
+@pytest.fixture(scope="module")
+def killed_and_resumed(openi_shards, tmp_path_factory):
+    """A 4-bit LoRA ZeRO-3 run on 2 ranks, SIGKILLed (launcher and both ranks) after the step-4
+    checkpoint once step 6 is logged, then relaunched: it must resume from step 4, and redo steps
+    5.. with the losses the first attempt logged before the kill (uninterrupted up to there)."""
+    out = tmp_path_factory.mktemp("stage1") / "run"
+    log = out.parent / "log1.txt"
+    proc = _launch(out, openi_shards, log)
+    deadline = time.time() + 420
+    while time.time() < deadline and proc.poll() is None:
+        if any(r["step"] >= KILL_AFTER for r in _metrics(out)):
+            break
+        time.sleep(0.1)
+    assert proc.poll() is None, "the run ended before it could be killed: " + log.read_text()[-3000:]
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    first = _metrics(out)
+    assert first, "no step was logged before the deadline: " + log.read_text()[-3000:]
+    log2 = out.parent / "log2.txt"
+    _finish(_launch(out, openi_shards, log2), log2)
+    return out, first, log2.read_text(errors="replace")
+
+
+def test_killed_run_resumes_to_the_same_losses(killed_and_resumed):
+    out, first, log = killed_and_resumed
+    killed_at = max(r["step"] for r in first)
+    assert SAVE_EVERY < killed_at < STEPS, killed_at
+    assert f"resumed from {out / 'checkpoints' / f'step-{SAVE_EVERY:06d}'} at step {SAVE_EVERY}" in log
+    final = _metrics(out)
+    assert [r["step"] for r in final] == list(range(1, STEPS + 1))  # records after the checkpoint replaced
+    redone = [r for r in final if SAVE_EVERY < r["step"] <= killed_at]
+    assert len(redone) >= 2
+    for b in redone:
+        a = next(r for r in first if r["step"] == b["step"])
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-5), (a, b)
+        assert b["lr"] == pytest.approx(a["lr"], rel=1e-9)
+        assert b["samples_seen"] == a["samples_seen"]
+
+
+def test_4bit_lora_zero3_trains_and_exports(killed_and_resumed):
+    from safetensors import safe_open
+
+    from llmclip.text.encoder import LLMEncoder
+
+    out = killed_and_resumed[0]
+    m = _metrics(out)
+    assert [r["objective"] for r in m] == ["mntp"] * 3 + ["contrastive"] * (STEPS - 3)
+    mntp = [r["loss"] for r in m if r["objective"] == "mntp"]
+    contrastive = [r["loss"] for r in m if r["objective"] == "contrastive"]
+    assert mntp == sorted(mntp, reverse=True) and mntp[-1] < mntp[0], mntp  # both losses fall
+    assert sum(contrastive[-3:]) / 3 < 0.7 * contrastive[0], contrastive
+    ds = json.loads((out / "ds_config.json").read_text())
+    assert ds["zero_optimization"]["stage"] == 3 and ds["bf16"]["enabled"] is True
+    assert ds["train_batch_size"] == 2 * ds["train_micro_batch_size_per_gpu"]
+    assert yaml.safe_load((out / "config.yaml").read_text())["model"]["quantization"] == "nf4"
+    ckpt = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
+    assert ckpt.name == f"step-{STEPS:06d}" and (ckpt / "state.json").is_file()
+    assert len(list((out / "checkpoints").glob("step-*"))) == 2  # keep_checkpoints
+    with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
+        names = list(f.keys())
+    # Only trainable tensors are checkpointed: LoRA and the pooler, never a 4-bit base weight.
+    assert names and all(".lora_" in n or n.startswith("encoder.pooler.") for n in names)
+    assert list((out / "tb").rglob("events.out.tfevents.*"))
+    final = out / "final"
+    enc = LLMEncoder.from_dir(final)
+    assert (final / "adapter" / "adapter_config.json").is_file()
+    assert enc.fingerprint and enc.pooling == "latent_attention"
+    emb = enc.encode(["No acute disease.", "Small right pleural effusion."])
+    assert emb.shape == (2, 64) and bool(emb.isfinite().all())
+
+
+def test_recipes_validate():
+    from llmclip.config import load_config
+    from llmclip.text.stage1 import Stage1Config
+
+    for name in ("tiny", "demo", "llama3-8b", "mistral-7b"):
+        cfg = load_config(Stage1Config, REPO / "configs" / "stage1" / f"{name}.yaml")
+        assert cfg.stage == 1 and cfg.optim.max_steps > cfg.stage1.mntp_steps
+    big = load_config(Stage1Config, REPO / "configs" / "stage1" / "llama3-8b.yaml")
+    assert big.model.quantization == "nf4" and big.model.gradient_checkpointing and big.model.lora.r == 16
+    assert big.model.max_length == 512 and big.deepspeed.precision == "bf16"
+
+
+def _bad(tmp_path: Path, **model) -> Path:
+    cfg = yaml.safe_load(TINY.read_text())
+    cfg["model"].update(model)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.mark.parametrize(("change", "words"), [
+    ({"pooling": "max"}, ["model.pooling", "latent_attention"]),
+    ({"attention": "flash_attention_2"}, ["model.attention", "CUDA"]),
+    ({"source": "MINILM"}, ["model.source", "not a decoder-only", "bert"]),
+    ({"quantization": "nf4", "lora": {"enabled": False}}, ["model.quantization", "lora"]),
+    ({"keep_layers": -1}, ["model.keep_layers"]),
+])
+def test_bad_config_exits_2_naming_the_key(tmp_path, capsys, change, words):
+    from llmclip.assets import minilm_dir
+
+    if change.get("source") == "MINILM":
+        change = {"source": str(minilm_dir())}
+    assert main(["--config", str(_bad(tmp_path, **change))]) == EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert all(w in err for w in words), err
+
+
+def test_bad_config_from_the_command_line(tmp_path):
+    bad = _bad(tmp_path, pooling="max")
+    t0 = time.time()
+    res = subprocess.run([sys.executable, str(REPO / "llmclip" / "train.py"), "--config", str(bad),
+                          "--set", "optim.lr=1e-3"], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert res.returncode == EXIT_CONFIG and "model.pooling" in res.stderr, res.stderr
+    assert time.time() - t0 < 60  # refused before loading anything heavy
+    res = subprocess.run([sys.executable, str(REPO / "llmclip" / "train.py"), "--config", str(TINY),
+                          "--set", "stage=7"], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert res.returncode == EXIT_CONFIG and "stage" in res.stderr
