@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg, run = load(args.config, args.overrides)
-        return int(run(cfg) or 0)
+        rc = run(cfg)
+        return rc if isinstance(rc, int) else 0
     except ConfigError as e:
         print(f"llmclip train: config error: {e}", file=sys.stderr)
         return EXIT_CONFIG
