@@ -1,0 +1,234 @@
+"""Scaling with data size: peak memory and wall time of the long jobs as the samples grow 4x.
+
+    python benchmarks/scaling.py                      # PadChest 10K vs 40K, stage 2 on 256 vs 1024
+    python benchmarks/scaling.py --text-n 40000 --image-n 1024    # 40K vs 160K (all of PadChest)
+
+Each job runs as the user runs it, as a subprocess, at n and at 4n samples; a sampler adds up the
+resident memory of the job's whole process tree (worker processes, DeepSpeed ranks) every 50 ms.
+
+- ``shards``: ``llmclip shards build --source padchest --maxcount N`` (real PadChest reports from
+  the torchxrayvision package, text-only shards);
+- ``cache``: ``llmclip cache build`` of those shards with a tiny encoder (random 2-layer Llama,
+  real SmolLM2 tokenizer) -- the encoder cost is small, so the cache machinery itself is measured;
+- ``stage2``: one epoch of ``llmclip/train.py`` (configs/stage2/tiny.yaml, the full clinical
+  recipe) under the real ``deepspeed`` launcher on Open-I shards with rendered images and their
+  cache (built first, not timed).
+
+Streaming jobs should keep memory flat (peak RSS ratio ~1.0) and time linear (ratio <= 4, less
+when a fixed start-up cost is amortised). The final line gives the worst ratios over the jobs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common as C  # noqa: E402
+
+MiB = 1024 * 1024
+FLAT = 1.25  # peak RSS may grow at most this much for 4x the samples
+LINEAR = 4.4  # time may grow at most this much for 4x the samples (10% slack for noise)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--text-n", type=int, default=10_000, help="PadChest reports (small size)")
+    p.add_argument("--image-n", type=int, default=320, help="Open-I records for stage 2 (small)")
+    p.add_argument("--factor", type=int, default=4, help="large size = factor x small size")
+    p.add_argument("--workers", type=int, default=2, help="shard-build worker processes")
+    p.add_argument("--ranks", type=int, default=2, help="DeepSpeed CPU ranks for stage 2")
+    p.add_argument(
+        "--jobs", default="shards,cache,stage2", help="comma-separated subset of the jobs to run"
+    )
+    p.add_argument("--keep", default="", help="keep the work folder here instead of a temp dir")
+    p.add_argument("--json", default="", help="also write the results to this JSON file")
+    return p.parse_args(argv)
+
+
+def llmclip_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "llmclip.cli", *args]
+
+
+def job_env() -> dict[str, str]:
+    env = dict(
+        os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false"
+    )
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    return env
+
+
+def tiny_encoder(out: Path) -> Path:
+    """The test suite's tiny encoder dir (2 x 64 random Llama, real tokenizer, mean pooling)."""
+    import torch
+
+    from llmclip.text.encoder import LLMEncoder, ModelConfig
+    from llmclip.text.export import save_encoder_dir
+
+    if (out / "encoder.json").is_file():
+        return out
+    enc = LLMEncoder.build(
+        ModelConfig(source="tiny:llama", attention="sdpa", max_length=128),
+        torch.float32,
+        lora=False,
+    )
+    return save_encoder_dir(
+        out, enc.decoder, enc.tokenizer, enc.pooler, pooling="mean", max_length=128,
+        dtype="float32", extra={"base_model": "tiny:llama"},
+    )  # fmt: skip
+
+
+def count(shard_dir: Path, split: str | None = None) -> int:
+    manifest = json.loads((shard_dir / "manifest.json").read_text(encoding="utf-8"))
+    splits = manifest["splits"]
+    return int(splits[split] if split else sum(splits.values()))
+
+
+def run_shards(n: int, work: Path, args: argparse.Namespace) -> tuple[float, int, int]:
+    out = work / f"padchest-{n}"
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = llmclip_cmd(
+        "shards", "build", "--source", "padchest", "--maxcount", str(n), "--out", str(out),
+        "--workers", str(args.workers), "--quiet",
+    )  # fmt: skip
+    wall, peak = C.run_measured(cmd, env=job_env(), cwd=C.REPO, log=work / f"shards-{n}.log")
+    return wall, peak, count(out)
+
+
+def run_cache(n: int, work: Path, enc: Path) -> tuple[float, int, int]:
+    shards = work / f"padchest-{n}"
+    out = work / f"cache-padchest-{n}"
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = llmclip_cmd(
+        "cache", "build", "--encoder", str(enc), "--shards", str(shards), "--out", str(out),
+        "--variants", "report", "--no-progress",
+    )  # fmt: skip
+    wall, peak = C.run_measured(cmd, env=job_env(), cwd=C.REPO, log=work / f"cache-{n}.log")
+    return wall, peak, count(shards)
+
+
+def prepare_stage2(n: int, work: Path, enc: Path) -> tuple[Path, Path]:
+    """Open-I image shards (rendered 64 px) and their cache; set-up, not timed."""
+    import subprocess
+
+    shards = work / f"openi-{n}"
+    cache = work / f"cache-openi-{n}"
+    if not (shards / "manifest.json").is_file():
+        subprocess.run(
+            llmclip_cmd(
+                "shards", "build", "--source", "openi", "--images", "render", "--maxcount", str(n),
+                "--image-size", "64", "--shard-size", "64", "--out", str(shards), "--quiet",
+            ),
+            check=True, env=job_env(), cwd=C.REPO,
+        )  # fmt: skip
+    if not (cache / "meta.json").is_file():
+        subprocess.run(
+            llmclip_cmd(
+                "cache", "build", "--encoder", str(enc), "--shards", str(shards), "--out",
+                str(cache), "--variants", "report,negated", "--no-progress",
+            ),
+            check=True, env=job_env(), cwd=C.REPO,
+        )  # fmt: skip
+    return shards, cache
+
+
+def run_stage2(n: int, work: Path, enc: Path, args: argparse.Namespace) -> tuple[float, int, int]:
+    import yaml
+
+    shards, cache = prepare_stage2(n, work, enc)
+    tiny = yaml.safe_load((C.REPO / "configs/stage2/tiny.yaml").read_text(encoding="utf-8"))
+    per_step = int(tiny["deepspeed"]["micro_batch_size"]) * args.ranks
+    train = count(shards, "train")
+    steps = train // per_step  # one epoch: every rank's full batches once
+    if steps < 1:
+        sys.exit(
+            f"stage2: {train} training samples are less than one step ({per_step}); raise --image-n"
+        )
+    out = work / f"stage2-{n}"
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [
+        str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(args.ranks),
+        str(C.REPO / "llmclip/train.py"), "--config", str(C.REPO / "configs/stage2/tiny.yaml"),
+    ]  # fmt: skip
+    for o in (
+        f"data.shards={shards}:train", f"data.cache={cache}", f"data.encoder={enc}",
+        f"optim.max_steps={steps}", f"optim.warmup_steps={min(3, steps)}", "run.save_every=0",
+        f"run.log_every={max(1, steps // 4)}", "run.tensorboard=false", f"run.out_dir={out}",
+    ):  # fmt: skip
+        cmd += ["--set", o]
+    wall, peak = C.run_measured(cmd, env=job_env(), cwd=C.REPO, log=work / f"stage2-{n}.log")
+    return wall, peak, steps * per_step
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    C.offline_hub()
+    jobs = [j.strip() for j in args.jobs.split(",") if j.strip()]
+    unknown = set(jobs) - {"shards", "cache", "stage2"}
+    if unknown:
+        sys.exit(f"unknown jobs: {sorted(unknown)}")
+    if "cache" in jobs and "shards" not in jobs:
+        jobs.insert(0, "shards")  # the cache job encodes the shards job's output
+    tmp = None
+    if args.keep:
+        work = Path(args.keep)
+        work.mkdir(parents=True, exist_ok=True)
+    else:
+        tmp = tempfile.TemporaryDirectory(prefix="llmclip-scaling-")
+        work = Path(tmp.name)
+    enc = tiny_encoder(work / "encoder") if {"cache", "stage2"} & set(jobs) else None
+    sizes = {
+        "shards": (args.text_n, args.text_n * args.factor),
+        "cache": (args.text_n, args.text_n * args.factor),
+        "stage2": (args.image_n, args.image_n * args.factor),
+    }
+    results: dict[str, list[tuple[int, float, int]]] = {}
+    try:
+        for job in jobs:
+            for n in sizes[job]:
+                print(f"{job}: n={n} ...", flush=True)
+                if job == "shards":
+                    wall, peak, samples = run_shards(n, work, args)
+                elif job == "cache":
+                    wall, peak, samples = run_cache(n, work, enc)
+                else:
+                    wall, peak, samples = run_stage2(n, work, enc, args)
+                results.setdefault(job, []).append((samples, wall, peak))
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+    rows, worst_t, worst_m = [], 0.0, 0.0
+    for job, ((s1, t1, m1), (s2, t2, m2)) in results.items():
+        rt, rm = t2 / t1, m2 / m1
+        worst_t, worst_m = max(worst_t, rt), max(worst_m, rm)
+        verdict = (
+            ("linear" if rt <= LINEAR else "SUPERLINEAR")
+            + ", "
+            + ("flat" if rm <= FLAT else "GROWS")
+        )
+        rows.append([job, s1, s2, t1, t2, rt, m1 / MiB, m2 / MiB, rm, verdict])
+    print(
+        C.table(
+            ["job", "n", "4n", "s (n)", "s (4n)", "time x", "MiB (n)", "MiB (4n)", "RSS x", ""],
+            rows,
+        )
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps({"benchmark": "scaling", "args": vars(args),
+                                               "results": results}, indent=2), encoding="utf-8")  # fmt: skip
+    print(
+        f"RATIO {args.factor}x samples vs 1x: time x{worst_t:.2f} (linear: <= {LINEAR}), "
+        f"peak RSS x{worst_m:.2f} (flat: <= {FLAT}) [worst over {', '.join(results)}]"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
