@@ -45,10 +45,10 @@ import torch
 import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_expander
+from webdataset.tariterators import group_by_keys
 
 from llmclip.config import ConfigError
-from llmclip.data.shards import IMAGE_EXTS, ShardInfo, resolve_shards
+from llmclip.data.shards import IMAGE_EXTS, MAX_MEMBER_BYTES, ShardInfo, resolve_shards
 from llmclip.distributed import dist_env
 
 log = logging.getLogger("llmclip.data")
@@ -102,6 +102,28 @@ def _tar_error_handler(stats: _Stats, exn: Exception) -> bool:
     else:
         stats.skipped[f"error_{type(exn).__name__}"] += 1
     return True
+
+
+def _expand_tars(stats: _Stats, handler, src: Iterator[dict]) -> Iterator[dict]:
+    """Members of each opened shard as ``{fname, data, __url__}`` and ``{}`` at each shard's end:
+    webdataset's ``tar_file_expander`` (same end marker, errors to ``handler``), except that regular
+    files only are read and a member over ``MAX_MEMBER_BYTES`` is skipped without reading it."""
+    for source in src:
+        try:
+            with tarfile.open(fileobj=source["stream"], mode="r|*") as tar:
+                for info in tar:
+                    if not info.isreg() or info.name.startswith("__") and info.name.endswith("__"):
+                        continue
+                    if info.size > MAX_MEMBER_BYTES:
+                        stats.skipped["oversized_member"] += stats.shard_errors
+                        continue
+                    data = tar.extractfile(info).read()
+                    yield {"fname": info.name, "data": data, "__url__": source["url"]}
+                    tar.members = []  # streaming: keep no member list
+            yield {}
+        except Exception as exn:  # noqa: BLE001 - the handler counts it (truncated or corrupt tar)
+            if not handler(exn):
+                break
 
 
 class ShardStream(IterableDataset):
@@ -223,6 +245,9 @@ class ShardStream(IterableDataset):
     def _decode(self, stats: _Stats, src: Iterator[dict]) -> Iterator[dict]:
         for raw in src:
             key = raw["__key__"]
+            if not key or "/" in key or "\\" in key:  # path-like names: not a key of the contract
+                stats.skipped["bad_key"] += 1
+                continue
             for ext in raw:
                 if not ext.startswith("__") and ext != "json" and ext not in IMAGE_EXTS:
                     stats.ignored[ext] += 1  # .pyd/.pickle/.pth/...: bytes dropped, never decoded
@@ -307,7 +332,7 @@ class ShardStream(IterableDataset):
         stages = [
             shards,
             self._open,
-            partial(tar_file_expander, handler=handler),
+            partial(_expand_tars, stats, handler),
             partial(group_by_keys, handler=handler),
             partial(self._check_shards, stats),
         ]

@@ -26,6 +26,9 @@ from llmclip.config import ConfigError
 FORMAT = "llmclip-shards/1"
 SPLITS = ("train", "val", "test")
 IMAGE_EXTS = ("png", "jpg")
+MAX_MEMBER_BYTES = 256 << 20
+"""Largest tar member any reader loads into memory (one report json or one image): a crafted header
+claiming gigabytes is refused (``read_tar``) or skipped unread and counted (the loader)."""
 _SHARD_PATH = re.compile(r"^(images|text)/(train|val|test)-(\d{6})\.tar$")
 
 
@@ -182,6 +185,8 @@ def read_tar(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
             parts = split_member(member.name)
             if parts is None:
                 continue
+            if member.size > MAX_MEMBER_BYTES:
+                raise tarfile.ReadError(f"member {member.name!r} claims {member.size} bytes")
             f = tar.extractfile(member)
             data = f.read() if f else b""
             if current is None or current[0] != parts[0]:
