@@ -106,9 +106,13 @@ ranks_per_node() {
 setup() {
   ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
   cd "$ROOT"
+  # The venv's torchrun by full path; PATH stays as the user has it. (Putting the venv first on
+  # PATH also swaps the ninja that JIT-builds DeepSpeed's CPU ops for the venv's, whose build log
+  # another ninja version does not accept: every switch rebuilds the op, minutes on a CPU.)
   local venv=${LLMCLIP_VENV:-$ROOT/.venv}
-  [ -x "$venv/bin/torchrun" ] && export PATH="$venv/bin:$PATH"
-  [ "${LLMCLIP_DRY_RUN:-0}" != 0 ] || command -v torchrun >/dev/null ||
+  TORCHRUN=torchrun
+  [ -x "$venv/bin/torchrun" ] && TORCHRUN=$venv/bin/torchrun
+  [ "${LLMCLIP_DRY_RUN:-0}" != 0 ] || command -v "$TORCHRUN" >/dev/null ||
     die "torchrun not found: run 'make install' in $ROOT or set LLMCLIP_VENV"
 
   JOB_ID=${SLURM_JOB_ID:-0}
@@ -171,7 +175,7 @@ program() {
 
 # The exact command node NODE_RANK runs (in NODE_CMD).
 node_command() {
-  NODE_CMD=(torchrun --nnodes="$NNODES" --node-rank="$1" --nproc-per-node="$NPROC"
+  NODE_CMD=("$TORCHRUN" --nnodes="$NNODES" --node-rank="$1" --nproc-per-node="$NPROC"
     --master-addr="$MASTER_ADDR" --master-port="$MASTER_PORT" --max-restarts=0 "${PROGRAM[@]}")
 }
 

@@ -110,7 +110,7 @@ def wait(job_id: int, name: str, timeout_s: float) -> Job:
     )
 
 
-def sbatch_wait(script: str, *args: str, name: str, timeout_s: float = 600) -> Job:
+def sbatch_wait(script: str, *args: str, name: str, timeout_s: float = 900) -> Job:
     """``sbatch --wait`` exactly as a user runs it; its exit status is the job's."""
     cmd = ["sbatch", "--wait", "--parsable", *CPU_JOB, script, *args]
     try:

@@ -56,7 +56,7 @@ def parse_plan(stdout: str) -> tuple[dict, dict[str, str], list[dict]]:
         n = NODE.match(ln)
         if n:
             cmd = shlex.split(n.group(5))
-            assert cmd[0] == "torchrun"
+            assert Path(cmd[0]).name == "torchrun"
             nodes.append(
                 {
                     "index": int(n.group(1)),
