@@ -52,15 +52,19 @@ class DataConfig:
     epoch_samples: int = 0
     """Samples per rank and epoch (0 = the training split's size / ranks); equal on every rank."""
 
+    def check_paths(self) -> None:
+        """Existence of the cache and encoder folders (checked at trainer start, so that recipes
+        for other machines still load and validate anywhere)."""
+        if not Path(self.cache).is_dir():
+            raise ConfigError(f"embedding cache folder not found: {self.cache}", "data.cache")
+        if self.encoder and not Path(self.encoder).is_dir():
+            raise ConfigError(f"encoder folder not found: {self.encoder}", "data.encoder")
+
     def validate(self) -> None:
         if not self.shards:
             raise ConfigError("required: the training image shards SPEC", "shards")
         if not self.cache:
             raise ConfigError("required: the embedding cache folder", "cache")
-        if not Path(self.cache).is_dir():
-            raise ConfigError(f"embedding cache folder not found: {self.cache}", "cache")
-        if self.encoder and not Path(self.encoder).is_dir():
-            raise ConfigError(f"encoder folder not found: {self.encoder}", "encoder")
         if not 16 <= self.image_size <= 2048:
             raise ConfigError("must be in [16, 2048]", "image_size")
         if self.num_workers < 0:
@@ -208,15 +212,18 @@ def augment(pixels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 def run(cfg: Stage2Config) -> int:
-    """Train (resuming when a checkpoint exists); ``RUN/final`` then holds the model. Exit code 0."""
+    """Train (resuming when a checkpoint exists); ``RUN/final`` then holds the model.
+
+    Returns the exit code: 0, or ``llmclip.checkpoint.PREEMPTED_EXIT_CODE`` after a SIGUSR1
+    (checkpoint written; the SLURM script requeues the job, which resumes).
+    """
     from llmclip.clip.trainer import Stage2Trainer
 
     trainer = Stage2Trainer(cfg)
     try:
-        trainer.train()
+        return trainer.train()
     finally:
         trainer.close()
-    return 0
 
 
 def _now() -> float:

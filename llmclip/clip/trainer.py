@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from llmclip.cache import EmbeddingCache, shard_name
+from llmclip.checkpoint import PREEMPTED_EXIT_CODE, PreemptionHandler
 from llmclip.clip import state as ckpt
 from llmclip.clip.batching import GraphFeaturizer, cache_rows, label_matrix, report_text, unbatch
 from llmclip.clip.losses import total_loss
@@ -36,16 +37,14 @@ from llmclip.config import ConfigError, to_dict
 from llmclip.distributed import init_distributed
 
 
-def sample_shard(sample: dict[str, Any], key_to_shard: dict[str, str]) -> str:
-    for field_name in ("shard", "__url__", "url"):
-        if sample.get(field_name):
-            return shard_name(str(sample[field_name]))
-    try:
-        return key_to_shard[sample["key"]]
-    except KeyError:
+def sample_shard(sample: dict[str, Any]) -> str:
+    """The shard a sample came from (the loader names it), for its cache rows."""
+    name = sample.get("shard")
+    if not name:
         raise ConfigError(
-            f"sample {sample.get('key')!r} is not in any training shard's cache rows"
-        ) from None
+            f"sample {sample.get('key')!r} carries no shard name; cannot find its cache rows"
+        )
+    return shard_name(str(name))
 
 
 class ShardStream:
@@ -118,11 +117,12 @@ class Stage2Trainer:
 
         _env_threads()
         self.cfg = cfg
-        self.env = init_distributed(cfg.run.collective_timeout_s)
         self.out = Path(cfg.run.out_dir)
         self.classes = list(CHEXPERT_CLASSES)
 
-        # Refuse a cache that does not match the shards (or the encoder) before any heavy work.
+        # Refuse a cache that does not match the shards (or the encoder) before any heavy work,
+        # on every rank, before the process group is formed.
+        cfg.data.check_paths()
         shards = resolve_shards(cfg.data.shards, "image")
         if not shards:
             raise ConfigError(f"no image shards in {cfg.data.shards}", "data.shards")
@@ -138,7 +138,7 @@ class Stage2Trainer:
             if cfg.loss.negation.enabled
             else None
         )
-        self.key_to_shard = {k: s.name for s in shards for k in self.cache.keys(s.name)}
+        self.env = init_distributed(cfg.run.collective_timeout_s)
 
         torch.manual_seed(cfg.run.seed)
         self.model = CLIPModel(cfg.model, self.cache.dim, cfg.data.image_size)
@@ -157,6 +157,10 @@ class Stage2Trainer:
         )
         self.device = self.engine.device
         per_rank = cfg.data.epoch_samples or sum(s.count for s in shards) // self.env.world_size
+        self.nonfinite_total = 0
+        self.preempt = (
+            PreemptionHandler()
+        )  # SIGUSR1: checkpoint at the step boundary, exit, requeue
         self.stream = ShardStream(cfg, max(per_rank, cfg.deepspeed.micro_batch_size))
         self.step = 0
         if self.env.is_main:
@@ -182,9 +186,7 @@ class Stage2Trainer:
     def _inputs(self, samples: list[dict[str, Any]], gen: torch.Generator) -> tuple[dict, dict]:
         keys = [s["key"] for s in samples]
         metas = [s["meta"] for s in samples]
-        rows = torch.from_numpy(
-            cache_rows(self.cache, [sample_shard(s, self.key_to_shard) for s in samples], keys)
-        )
+        rows = torch.from_numpy(cache_rows(self.cache, [sample_shard(s) for s in samples], keys))
         images = torch.stack([torch.as_tensor(s["image"]) for s in samples])
         pixels = self.model.preprocess(images.to(self.device))
         if self.cfg.data.augment:
@@ -219,16 +221,21 @@ class Stage2Trainer:
         )
         alpha = self.cfg.loss.soft_labels.alpha(self.step, self.cfg.optim.max_steps)
         loss, logs = total_loss(self.cfg.loss, feats, aux, alpha)
-        if not torch.isfinite(loss):
-            logs["nonfinite"] = 1.0
-            loss = loss.nan_to_num(0.0, 0.0, 0.0) * 0.0  # keep the collective schedule; no update
+        bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=self.device)
+        if self.env.world_size > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bad.item() > 0:
+            # Dropped on every rank alike (no backward, no step): the weights and the optimizer
+            # state stay as they were; the trainer counts consecutive drops and stops at a limit.
+            return {"nonfinite": 1.0, "loss": float("nan"), "scale": float(feats["scale"].detach())}
         self.engine.backward(loss)
         self.engine.step()
         logs["loss"] = float(loss.detach())
         logs["scale"] = float(feats["scale"].detach())
         return logs
 
-    def train(self) -> None:
+    def train(self) -> int:
+        """Run to ``max_steps`` (0) or until preempted (``PREEMPTED_EXIT_CODE``, after a checkpoint)."""
         from tqdm import tqdm
 
         cfg = self.cfg
@@ -250,12 +257,22 @@ class Stage2Trainer:
             for _ in range(cfg.deepspeed.grad_accum):
                 for k, v in self._micro_step(gen).items():
                     logs[k] = logs.get(k, 0.0) + v / cfg.deepspeed.grad_accum
+            if any(k == "nonfinite" for k in logs):
+                nonfinite += 1
+                self.nonfinite_total += 1
+                if self.env.is_main:
+                    print(
+                        f"stage2: non-finite loss at step {self.step + 1}: batch dropped",
+                        flush=True,
+                    )
+                if nonfinite >= cfg.run.max_nonfinite_steps:
+                    raise RuntimeError(
+                        f"stage2: {nonfinite} consecutive steps with a non-finite loss at step "
+                        f"{self.step + 1}; the last checkpoint is intact (lower optim.lr?)"
+                    )
+                continue
+            nonfinite = 0
             logs = self._reduce(logs)
-            nonfinite = nonfinite + 1 if logs.get("nonfinite", 0) > 0 else 0
-            if nonfinite >= cfg.run.max_nonfinite_steps:
-                raise RuntimeError(
-                    f"stage2: {nonfinite} consecutive steps with a non-finite loss at step {self.step}"
-                )
             self.step += 1
             samples += (
                 cfg.deepspeed.micro_batch_size * cfg.deepspeed.grad_accum * self.env.world_size
@@ -285,9 +302,19 @@ class Stage2Trainer:
                 and self.step < cfg.optim.max_steps
             ):
                 self.save()
+            if self.preempt.requested():  # SIGUSR1 on any rank (slurm/launch.sh): all stop here
+                self.save()
+                bar.close()
+                if self.env.is_main:
+                    print(
+                        f"stage2: preempted; checkpoint at step {self.step}, exiting to be requeued",
+                        flush=True,
+                    )
+                return PREEMPTED_EXIT_CODE
         bar.close()
         self.save()
         ckpt.export_final(self.out, self.model, self._final_meta(), self.env)
+        return 0
 
     def _reduce(self, logs: dict[str, float]) -> dict[str, float]:
         """Mean over ranks of every logged number (local-loss values differ per rank)."""
@@ -352,7 +379,9 @@ class Stage2Trainer:
         )
 
     def close(self) -> None:
-        monitor = getattr(self.engine, "monitor", None) if hasattr(self, "engine") else None
-        for writer in (getattr(monitor, "tb_monitor", None),):
-            if writer is not None and hasattr(writer, "summary_writer"):
-                writer.summary_writer.flush()
+        if hasattr(self, "preempt"):
+            self.preempt.close()
+        monitor = getattr(getattr(self, "engine", None), "monitor", None)
+        writer = getattr(monitor, "tb_monitor", None)
+        if writer is not None and getattr(writer, "summary_writer", None) is not None:
+            writer.summary_writer.flush()
