@@ -13,13 +13,16 @@ Conventions for config classes:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import math
 import re
+import shutil
 import sys
 import types
 import typing
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
@@ -222,6 +225,35 @@ def require_file(path: str, key: str) -> None:
     """Raise ``ConfigError`` naming ``key`` when ``path`` is set but is not an existing file."""
     if path and not Path(path).exists():
         raise ConfigError(f"file or folder not found: {path}", key)
+
+
+@contextlib.contextmanager
+def writing(path: str | Path) -> Iterator[None]:
+    """Name ``path`` and the free space left when writing it fails (disk full, quota, read-only).
+
+    Writers report a full disk obscurely (numpy "N requested and M written", torch "unexpected pos",
+    safetensors "I/O error") or not at all; inside this block any write error becomes a
+    ``ConfigError`` naming the file, so a command prints one line and exits 2. Callers write to a
+    temporary name and rename on success, so the previous complete state stays readable.
+    """
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        raise ConfigError(f"cannot write {path}: {e} ({_free_space(Path(path))})") from None
+    except Exception as e:
+        if type(e).__name__ != "SafetensorError":  # safetensors' I/O errors are plain Exceptions
+            raise
+        raise ConfigError(f"cannot write {path}: {e} ({_free_space(Path(path))})") from None
+
+
+def _free_space(path: Path) -> str:
+    for p in (path, *path.parents):
+        if p.exists():
+            try:
+                return f"{shutil.disk_usage(p).free} bytes free on its device"
+            except OSError:
+                break
+    return "free space unknown"
 
 
 def exit_on_config_error(err: ConfigError) -> typing.NoReturn:
