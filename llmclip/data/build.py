@@ -32,7 +32,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import llmclip
-from llmclip.config import ConfigError
+from llmclip.config import ConfigError, writing
 from llmclip.data import phantom
 from llmclip.data.shards import FORMAT, SPLITS, atomic_write_text, sha256_file, shard_name
 from llmclip.data.sources import Record, Source, open_source
@@ -223,7 +223,8 @@ def _process(rec: Record) -> Result:
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode, info.uname, info.gname = len(data), 0, 0o444, "", ""
-    tar.addfile(info, io.BytesIO(data))
+    with writing(tar.name):  # a full disk names the shard being written
+        tar.addfile(info, io.BytesIO(data))
 
 
 class SplitWriter:
@@ -246,7 +247,8 @@ class SplitWriter:
         for kind in ("image", "text") if self.with_images else ("text",):
             tmp = self._paths(kind).with_suffix(".tar.tmp")
             tmp.parent.mkdir(parents=True, exist_ok=True)
-            self.tars[kind] = tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT)
+            with writing(tmp):
+                self.tars[kind] = tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT)
 
     def add(
         self, key: str, meta: dict[str, Any], image: tuple[str, bytes] | None, label_source: str
@@ -275,11 +277,12 @@ class SplitWriter:
             "sha256": {},
         }
         for kind, tar in self.tars.items():
-            tar.close()
             final = self._paths(kind)
             tmp = final.with_suffix(".tar.tmp")
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
+            with writing(tmp):
+                tar.close()
+                with open(tmp, "rb+") as f:
+                    os.fsync(f.fileno())
             os.replace(tmp, final)
             entry[kind] = str(final.relative_to(self.out))
             entry["sha256"][kind] = sha256_file(final)
