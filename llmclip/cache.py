@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from llmclip.config import ConfigError
+from llmclip.config import ConfigError, writing
 
 FORMAT = "llmclip-cache/1"
 META = "meta.json"
@@ -147,10 +147,14 @@ def _read_json(path: Path) -> Any:
 def _atomic_write(path: Path, write) -> Path:
     """Write through ``write(f)`` to a temp file, fsync; return the temp path (rename is the caller's)."""
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with writing(path), open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk gets its space back; the rerun redoes the file
+        raise
     return tmp
 
 
@@ -170,9 +174,13 @@ def write_sidecar(
     side = {"shard": name, "keys": keys, "build": ident.to_json(), "source_sha256": source_sha256}
     body = json.dumps(side).encode("utf-8")
     tmp_keys = _atomic_write(keys_path(cache_dir, name), lambda f: f.write(body))
-    tmp_emb = _atomic_write(
-        emb_path(cache_dir, name), lambda f: np.save(f, emb, allow_pickle=False)
-    )
+    try:
+        tmp_emb = _atomic_write(
+            emb_path(cache_dir, name), lambda f: np.save(f, emb, allow_pickle=False)
+        )
+    except BaseException:
+        tmp_keys.unlink(missing_ok=True)
+        raise
     os.replace(tmp_keys, keys_path(cache_dir, name))
     os.replace(tmp_emb, emb_path(cache_dir, name))
 
