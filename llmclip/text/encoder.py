@@ -306,8 +306,13 @@ class LLMEncoder(nn.Module):
                 p.requires_grad_(True)
         else:
             lm.requires_grad_(False)
+        # One dtype for everything DeepSpeed partitions (peft makes fp32 adapters by default; ZeRO-3
+        # refuses mixed dtypes). DeepSpeed keeps the fp32 master copies of the trainable weights.
+        for p in lm.parameters():
+            if p.requires_grad and p.dtype != dtype:
+                p.data = p.data.to(dtype)
         pooler = build_pooler(cfg.pooling, int(config.hidden_size), cfg.pooler_latents, cfg.pooler_heads)
-        pooler.to(dtype=torch.float32 if dtype not in (torch.bfloat16, torch.float16) else dtype)
+        pooler.to(dtype=dtype)
         meta = {"base_model": cfg.source, "resolved_source": src, "keep_layers": cfg.keep_layers,
                 "layers": int(config.num_hidden_layers), "base_layers": full}
         return cls(lm, tokenizer, pooler, pooling=cfg.pooling, max_length=cfg.max_length, meta=meta)

@@ -304,6 +304,9 @@ def run(cfg: Stage1Config) -> int:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim))
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config)
+    # from_pretrained returns eval mode; training mode also keeps bitsandbytes from repacking 4-bit
+    # weights for its CPU inference kernel, which ZeRO-3's release/re-gather would silently undo.
+    engine.train()
     blank_id = blank_token_id(encoder.tokenizer)
 
     stream = ReportStream(cfg.data.shards, seed=cfg.run.seed, num_workers=cfg.data.num_workers)
