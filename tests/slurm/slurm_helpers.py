@@ -77,7 +77,11 @@ def job_logs(job_id: int, name: str) -> str:
 
 
 def submit(script: str, *args: str, sbatch: list[str] | None = None) -> int:
-    """``sbatch --parsable`` from the repository root (the scripts' documented way); the job id."""
+    """``sbatch --parsable`` from the repository root (the scripts' documented way); the job id.
+
+    Tests then poll with ``wait`` rather than use ``sbatch --wait``, whose backoff notices the end
+    of a job 20-30 s late.
+    """
     cmd = ["sbatch", "--parsable", *CPU_JOB, *(sbatch or []), script, *args]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, f"{' '.join(cmd)} failed: {out.stderr}"
@@ -107,25 +111,4 @@ def wait(job_id: int, name: str, timeout_s: float) -> Job:
     pytest.fail(
         f"job {job_id} not finished after {timeout_s:.0f} s (state {info.get('JobState')}); "
         f"cancelled\n{job_logs(job_id, name)}"
-    )
-
-
-def sbatch_wait(script: str, *args: str, name: str, timeout_s: float = 900) -> Job:
-    """``sbatch --wait`` exactly as a user runs it; its exit status is the job's."""
-    cmd = ["sbatch", "--wait", "--parsable", *CPU_JOB, script, *args]
-    try:
-        out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired as e:
-        job = (e.stdout or b"").decode().strip().split(";")[0]
-        if job.isdigit():
-            subprocess.run(["scancel", job], timeout=30)
-        pytest.fail(f"{' '.join(cmd)} did not finish in {timeout_s:.0f} s")
-    job_id = int(out.stdout.strip().splitlines()[0].split(";")[0])
-    info = job_info(job_id)
-    return Job(
-        job_id,
-        out.returncode,
-        info.get("JobState", "?"),
-        int(info.get("Restarts", 0)),
-        job_logs(job_id, name),
     )

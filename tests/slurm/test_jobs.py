@@ -17,10 +17,15 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from slurm_helpers import job_info, job_logs, sbatch_wait, submit, wait
+from slurm_helpers import Job, job_info, job_logs, submit, wait
 
 STAGE1 = "configs/stage1/tiny.yaml"
 STAGE2 = "configs/stage2/tiny.yaml"
+
+
+def run_job(script: str, *args: str, name: str) -> Job:
+    """Submit a batch script as a user would and wait for the job to end."""
+    return wait(submit(script, *args), name, timeout_s=900)
 
 
 def checkpoints(run: Path) -> dict[int, Path]:
@@ -41,9 +46,9 @@ def last_logged_step(run: Path) -> int:
 
 @pytest.fixture(scope="module")
 def stage1_run(slurm_cluster, openi_shards, tmp_path_factory) -> Path:
-    """`sbatch --wait slurm/stage1.sh configs/stage1/tiny.yaml`, uninterrupted."""
+    """`sbatch slurm/stage1.sh configs/stage1/tiny.yaml`, uninterrupted."""
     run = tmp_path_factory.mktemp("slurm") / "stage1"
-    job = sbatch_wait(
+    job = run_job(
         "slurm/stage1.sh",
         STAGE1,
         "--set",
@@ -57,11 +62,9 @@ def stage1_run(slurm_cluster, openi_shards, tmp_path_factory) -> Path:
 
 
 def test_stage1_job_trains_on_two_ranks_and_checkpoints(stage1_run: Path) -> None:
-    plan = (stage1_run / "ds_config.json").read_text()
-    assert (
-        json.loads(plan)["train_batch_size"]
-        == 2 * json.loads(plan)["train_micro_batch_size_per_gpu"]
-    )
+    ds = json.loads((stage1_run / "ds_config.json").read_text())
+    per_rank = ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"]
+    assert ds["train_batch_size"] == 2 * per_rank  # torchrun started 2 ranks
     ckpts = checkpoints(stage1_run)
     assert max(ckpts) == 10, sorted(ckpts)  # tiny.yaml: max_steps 10
     state = json.loads((ckpts[10] / "state.json").read_text())
@@ -125,7 +128,7 @@ def test_preempted_stage1_job_requeues_resumes_and_matches(
 def cache_dir(stage1_run: Path, openi_shards, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("slurm") / "cache"
     # The run folder stands for its encoder (RUN/final); stage 2's tiny recipe needs both variants.
-    job = sbatch_wait(
+    job = run_job(
         "slurm/cache.sh",
         str(stage1_run),
         str(openi_shards),
@@ -156,7 +159,7 @@ def test_cache_job_writes_every_sidecar(cache_dir: Path, openi_shards, stage1_ru
 
 def test_stage2_job_trains_on_the_cache(cache_dir: Path, openi_shards, tmp_path: Path) -> None:
     run = tmp_path / "stage2"
-    job = sbatch_wait(
+    job = run_job(
         "slurm/stage2.sh",
         STAGE2,
         "--set",
