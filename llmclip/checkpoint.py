@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from llmclip.config import ConfigError
+from llmclip.config import ConfigError, writing
 from llmclip.distributed import barrier, rank
 
 FORMAT = "llmclip-checkpoint/1"
@@ -151,12 +151,20 @@ def save_checkpoint(run_dir: str | Path, step: int, engine: Any, state: dict[str
         tmp = root / f".tmp-step-{step:06d}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        torch.save(optim, tmp / "optimizer.pt")
         sched = engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else {}
-        torch.save(sched, tmp / "scheduler.pt")
         info = {"format": FORMAT, "step": int(step), "time": time.time(), **state}
-        (tmp / "state.json").write_text(json.dumps(info, indent=2, sort_keys=True), encoding="utf-8")
+        try:  # a full disk: an error naming the file, the temp folder's space back, `latest` kept
+            with writing(tmp / "model.safetensors"):
+                save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            with writing(tmp / "optimizer.pt"):
+                torch.save(optim, tmp / "optimizer.pt")
+            with writing(tmp / "scheduler.pt"):
+                torch.save(sched, tmp / "scheduler.pt")
+            with writing(tmp / "state.json"):
+                (tmp / "state.json").write_text(json.dumps(info, indent=2, sort_keys=True), encoding="utf-8")
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -168,7 +176,8 @@ def save_checkpoint(run_dir: str | Path, step: int, engine: Any, state: dict[str
 
 def _write_latest(root: Path, name: str) -> None:
     tmp = root / f".latest-{os.getpid()}"
-    tmp.write_text(name + "\n", encoding="utf-8")
+    with writing(root / "latest"):
+        tmp.write_text(name + "\n", encoding="utf-8")
     os.replace(tmp, root / "latest")
 
 
