@@ -1,0 +1,84 @@
+"""The benchmark helpers that every ratio depends on: rotation, medians, peak memory of a tree."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import _common as C  # noqa: E402
+
+
+def test_interleaved_rotates_order_and_times_every_rep():
+    calls: list[str] = []
+    runners = {n: (lambda n=n: calls.append(n)) for n in "abc"}
+    times = C.interleaved(runners, reps=3, warmup=1)
+    assert calls[:3] == ["a", "b", "c"]  # warm-up
+    assert calls[3:] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3, "c": 3}
+
+
+def test_interleaved_measures_the_slower_runner_as_slower():
+    times = C.interleaved({"fast": lambda: None, "slow": lambda: time.sleep(0.02)}, reps=3)
+    assert C.median(times["slow"]) >= 0.02 > C.median(times["fast"])
+    assert C.paired_ratio(times["slow"], times["fast"]) > 10
+
+
+def test_paired_ratio_is_the_median_of_per_rep_ratios():
+    assert C.paired_ratio([2.0, 4.0, 30.0], [1.0, 1.0, 1.0]) == 4.0
+    with pytest.raises(ValueError):
+        C.paired_ratio([1.0], [1.0, 2.0])
+
+
+def test_table_aligns_columns():
+    out = C.table(["name", "x"], [["a", 1.5], ["long name", 1234.0]]).splitlines()
+    assert out[0].startswith("name") and set(out[1]) <= {"-", " "}
+    assert out[2].endswith("1.5") and out[3].endswith("1,234")
+    assert len({len(line) for line in out[1:]}) == 1
+
+
+def test_run_measured_sees_memory_of_a_grandchild(tmp_path):
+    # The parent stays small; a grandchild holds ~300 MiB for a moment: the tree's peak sees it.
+    code = (
+        "import subprocess, sys;"
+        "subprocess.run([sys.executable, '-c', "
+        '\'import time; b = bytearray(300 * 2**20); b[::4096] = b"x" * len(b[::4096]); '
+        "time.sleep(0.5)'], check=True)"
+    )
+    wall, peak = C.run_measured([sys.executable, "-c", code], log=tmp_path / "log")
+    assert peak > 300 * 2**20
+    assert 0.5 < wall < 30
+
+
+def test_run_measured_fails_loudly(tmp_path):
+    with pytest.raises(SystemExit, match="command failed"):
+        C.run_measured([sys.executable, "-c", "raise SystemExit(3)"], log=tmp_path / "log")
+
+
+def test_llm2vec_bridge_rewrites_only_formats(tmp_path):
+    """The peer's folder conversion: tokenizer class, merges as strings, rope_theta; same vocab."""
+    sys.path.insert(0, str(BENCH))
+    import _llm2vec_peer as peer
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "TokenizersBackend"}))
+    tok = {"model": {"type": "BPE", "vocab": {"a": 0, "b": 1, "ab": 2}, "merges": [["a", "b"]],
+                     "ignore_merges": False}}  # fmt: skip
+    (src / "tokenizer.json").write_text(json.dumps(tok))
+    (src / "config.json").write_text(json.dumps({"rope_parameters": {"rope_theta": 5e5}}))
+    (src / "model.safetensors").write_bytes(b"weights")
+    dst = peer.compatible_copy(src, tmp_path / "dst")
+    tc = json.loads((dst / "tokenizer_config.json").read_text())
+    assert tc["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert tc["model_input_names"] == ["input_ids", "attention_mask"]
+    model = json.loads((dst / "tokenizer.json").read_text())["model"]
+    assert model["merges"] == ["a b"] and model["vocab"] == tok["model"]["vocab"]
+    assert json.loads((dst / "config.json").read_text())["rope_theta"] == 5e5
+    assert (dst / "model.safetensors").read_bytes() == b"weights"
