@@ -208,6 +208,16 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return done[-1] if done else None
 
 
+def _read(file: Path, load: Any) -> Any:
+    """``load(file)``; any failure (a pickle payload refused by ``weights_only``, a corrupt
+    safetensors header, a truncated file) is a ``ConfigError`` naming the file."""
+    try:
+        return load(file)
+    except Exception as e:  # noqa: BLE001 - UnpicklingError, SafetensorError, OSError, EOFError ...
+        why = (str(e).strip().splitlines() or [""])[0][:300]
+        raise ConfigError(f"{file}: refused ({type(e).__name__}: {why})", "checkpoint") from None
+
+
 def load_checkpoint(path: str | Path, engine: Any) -> dict[str, Any]:
     """Restore trainable weights, optimizer and scheduler into ``engine``; return ``state.json``.
 
@@ -224,8 +234,11 @@ def load_checkpoint(path: str | Path, engine: Any) -> dict[str, Any]:
         raise ConfigError(f"{path}: unreadable state.json: {e}", "checkpoint") from None
     if info.get("format") != FORMAT:
         raise ConfigError(f"{path}: format {info.get('format')!r}, expected {FORMAT}", "checkpoint")
-    weights = load_file(str(path / "model.safetensors"))
-    optim = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    weights = _read(path / "model.safetensors", lambda f: load_file(str(f)))
+    optim = _read(path / "optimizer.pt", lambda f: torch.load(f, map_location="cpu", weights_only=True))
+    sched = _read(path / "scheduler.pt", lambda f: torch.load(f, map_location="cpu", weights_only=True))
+    if not isinstance(optim, dict) or not isinstance(optim.get("params"), dict):
+        raise ConfigError(f"{path / 'optimizer.pt'}: not an llmclip optimizer state", "checkpoint")
     params = trainable_parameters(engine.module)
     names = {n for n, _ in params}
     if set(weights) != names or set(optim.get("params", {})) != names:
@@ -234,6 +247,17 @@ def load_checkpoint(path: str | Path, engine: Any) -> dict[str, Any]:
         raise ConfigError(f"{path} does not match this model's trainable parameters "
                           f"(missing {missing}, unexpected {extra}); was the config changed?", "checkpoint")
     keys = list(optim.get("moment_keys", []))
+    for name, p in params:  # shapes before any state is touched: a wrong one is refused, not reshaped
+        want = tuple(getattr(p, "ds_shape", p.shape))
+        entry = optim["params"][name]
+        found = [("model.safetensors", name, weights[name])] + [
+            ("optimizer.pt", f"{name} ({k})", entry.get(k) if isinstance(entry, dict) else None)
+            for k in ["fp32", *keys] if k == "fp32" or not isinstance(entry, dict) or k in entry]
+        for file, what, t in found:
+            if not torch.is_tensor(t) or tuple(t.shape) != want:
+                shape = tuple(t.shape) if torch.is_tensor(t) else type(t).__name__
+                raise ConfigError(f"{path / file}: {what} has shape {shape}, the model needs {want}",
+                                  "checkpoint")
     if keys:
         _ensure_state(engine, keys, optim.get("adam_step", 0.0))
     inner = _inner_optimizer(engine)
@@ -248,8 +272,7 @@ def load_checkpoint(path: str | Path, engine: Any) -> dict[str, Any]:
             for k in keys:
                 inner.state[p][k] = entry[k].to(device=p.device)
     if engine.lr_scheduler is not None:
-        engine.lr_scheduler.load_state_dict(
-            torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
+        engine.lr_scheduler.load_state_dict(sched)
         # load_state_dict restores the schedule's position but not the optimizer's current LRs (a
         # scheduler writes them only on step()): without this the first resumed step used the LR of
         # step 0.
