@@ -327,7 +327,16 @@ class EmbeddingCache:
                 f"key {e.args[0]!r} of shard {shard_name(shard)} is not in the "
                 f"embedding cache {self.dir}: the cache was built from other shards"
             ) from None
-        return np.asarray(arr[idx])
+        out = np.asarray(arr[idx])
+        finite = np.isfinite(out).all(axis=2)
+        if not finite.all():  # a damaged or hostile sidecar must not train on NaN silently
+            i, v = np.argwhere(~finite)[0]
+            raise CacheMismatch(
+                f"{emb_path(self.dir, shard_name(shard))}: row of key {keys[i]!r} (variant "
+                f"{self.variants[v]!r}) holds NaN/Inf; rebuild the cache (`llmclip cache verify` "
+                "finds every such row)"
+            )
+        return out
 
     def check_matches(
         self, shards: Sequence[Any], fingerprint: str | None = None, check_keys: bool = False
