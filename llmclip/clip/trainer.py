@@ -35,6 +35,7 @@ from llmclip.clip.stage2 import (
 )
 from llmclip.config import ConfigError, to_dict
 from llmclip.distributed import init_distributed
+from llmclip.faults import inject_nonfinite
 
 
 def sample_shard(sample: dict[str, Any]) -> str:
@@ -221,6 +222,7 @@ class Stage2Trainer:
         )
         alpha = self.cfg.loss.soft_labels.alpha(self.step, self.cfg.optim.max_steps)
         loss, logs = total_loss(self.cfg.loss, feats, aux, alpha)
+        loss = inject_nonfinite(loss, self.step + 1, self.env.rank)  # tests/faults only
         bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=self.device)
         if self.env.world_size > 1:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
