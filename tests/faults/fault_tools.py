@@ -101,10 +101,10 @@ def run(cmd: list[str], log: Path, env: dict[str, str] | None = None, timeout: f
 def kill_at_random_point(cmd: list[str], log: Path, env: dict[str, str], seed: int,
                          progress: Callable[[], int], stages: int, max_delay: float,
                          timeout: float = 300) -> bool:
-    """Start ``cmd``; once ``progress()`` reaches a seeded random stage (0 = at once), wait a seeded
-    random delay and SIGKILL the whole process group. False if the command finished first."""
+    """Start ``cmd``; once ``progress()`` reaches a seeded random stage in 1..``stages``, wait a
+    seeded random delay and SIGKILL the whole process group. False if the command finished first."""
     rng = random.Random(seed)
-    stage, delay = rng.randrange(stages), rng.uniform(0.0, max_delay)
+    stage, delay = rng.randint(1, max(1, stages)), rng.uniform(0.0, max_delay)
     proc = Proc(cmd, log, env)
     with open(log, "ab") as fh:
         fh.write(f"[faults] seed {seed}: SIGKILL at progress {stage} + {delay:.2f}s\n".encode())

@@ -4,9 +4,9 @@ stage 2), several times in a row, then a rerun: the outputs equal an uninterrupt
 (a published shard, a sidecar, a checkpoint named by ``latest``) is complete and equal to the
 reference; the unfinished remainder is refused by the readers.
 
-Kill points: the job is watched until a seeded random amount of progress (shards, sidecars or logged
-steps; 0 = still starting up), then killed after a seeded random delay, so kills land in start-up,
-mid-step, mid-write and mid-checkpoint. ``LLMCLIP_FAULT_SEEDS`` adds seeds (each one more kill)."""
+Kill points: the job is watched until a seeded random amount of progress (at least one shard,
+sidecar or logged step, and never the last), then killed after a seeded random delay, so kills land
+mid-step, mid-write and mid-checkpoint (the data owners' own tests kill at start-up and boundaries). ``LLMCLIP_FAULT_SEEDS`` adds seeds (each one more kill)."""
 
 from __future__ import annotations
 
