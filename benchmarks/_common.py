@@ -130,7 +130,12 @@ def openi_texts(n: int) -> list[str]:
 
 
 def offline_hub() -> None:
-    """Benchmarks build every model from a config; never reach a hub."""
+    """Benchmarks build every model from a config; never reach a hub. Deprecation notices that
+    libraries print on every step are silenced, so the table stays readable."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

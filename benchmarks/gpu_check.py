@@ -180,9 +180,12 @@ def check_attention(env: Env, work: Path) -> dict[str, Any]:
         ids = tok["input_ids"][:, : int(tok["attention_mask"].sum(1).min())]
         ones = torch.ones_like(ids)
         ref = states(enc, ids, ones)
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            fl = states(enc, ids, ones)
-        result["torch_flash_rel_diff"] = (fl - ref).abs().max().item() / ref.abs().max().item()
+        try:  # informative only: the kernel refuses some shapes/dtypes
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                fl = states(enc, ids, ones)
+            result["torch_flash_rel_diff"] = (fl - ref).abs().max().item() / ref.abs().max().item()
+        except RuntimeError as e:
+            result["torch_flash_rel_diff"] = f"not run: {str(e)[:200]}"
     ok = result["equal"] and all(result[i]["bidirectional"] and result[i]["padding_masked"]
                                  for i in encs)  # fmt: skip
     result["ok"] = bool(ok)

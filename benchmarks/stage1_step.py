@@ -13,6 +13,9 @@ same batches of real Open-I report pairs built by ``llmclip.text.pairs.build_pai
   ``Stage1Module`` (contrastive objective) under a DeepSpeed engine with the repo's
   ``ds_configs/cpu_zero3.json``; the row ``llmclip (no DeepSpeed)`` is the same module with a bare
   torch AdamW loop, to show what the engine costs on one rank;
+- ``llmclip + length buckets (proposal)``: not llmclip code yet -- the no-DeepSpeed step with the
+  encoder's inputs run as 4 length-sorted sub-batches, each padded only to its own longest row
+  (exact: right padding is masked), measured to show what removing padded tokens would gain;
 - ``llm2vec``: llm2vec 0.2.x's supervised step (see ``_llm2vec_peer.py``), in its own venv
   (``.bench-venv/llm2vec``, created here on first use: llm2vec pins transformers 4.44), in a
   subprocess that exchanges only numbers (JSON) with this one.
@@ -40,6 +43,7 @@ import _common as C  # noqa: E402
 import torch  # noqa: E402
 
 VENV = C.REPO / ".bench-venv" / "llm2vec"
+BUCKETED = "llmclip + length buckets (proposal)"
 # Versions that install together and run on this machine's torch (llm2vec 0.2.3 requires
 # transformers <= 4.44.2; peft releases after 0.12 need a newer transformers).
 PEER_PACKAGES = ["torch==2.14.1", "llm2vec==0.2.3", "transformers==4.44.2", "peft==0.12.0"]
@@ -51,11 +55,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=4, help="tiny Llama depth")
     p.add_argument("--batch", type=int, default=16, help="query/positive/negative triples per step")
     p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--steps", type=int, default=2, help="optimizer steps per timed repetition")
+    p.add_argument("--steps", type=int, default=1, help="optimizer steps per timed repetition")
     p.add_argument("--reps", type=int, default=9)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=1, help=C.THREADS_HELP)
     p.add_argument("--no-plain", action="store_true", help="skip the no-DeepSpeed llmclip row")
+    p.add_argument(
+        "--buckets", type=int, default=4, help="length buckets of the proposal row (0 = skip)"
+    )
     p.add_argument("--json", default="", help="also write the results to this JSON file")
     return p.parse_args(argv)
 
@@ -249,6 +256,38 @@ class LLMClipPlainStep:
         self.loss = float(out["loss"].detach())
 
 
+def bucket_rows(attention_mask: torch.Tensor, buckets: int) -> list[tuple[torch.Tensor, int]]:
+    """Rows sorted by length, cut into ``buckets`` groups, each with its own padded width."""
+    lens = attention_mask.sum(1)
+    order = torch.argsort(lens, descending=True)
+    return [(idx, int(lens[idx].max())) for idx in order.chunk(buckets) if len(idx)]
+
+
+class LLMClipBucketedStep(LLMClipPlainStep):
+    """A proposal measured beside the real thing (not in llmclip): the encoder runs each of its
+    inputs (queries; positives + negatives) as ``buckets`` length-sorted sub-batches, each padded
+    only to its own longest row, and puts the embeddings back in order. Right padding + the
+    padding mask make this exact (same states up to float rounding); it removes most padded
+    tokens from a batch of report lengths. Compare with the ``llmclip (no DeepSpeed)`` row."""
+
+    def __init__(self, cfg, buckets: int):
+        super().__init__(cfg)
+        enc, plain_forward = self.encoder, self.encoder.forward
+
+        def forward(input_ids, attention_mask, pool_mask):
+            parts = [
+                (
+                    idx,
+                    plain_forward(input_ids[idx, :w], attention_mask[idx, :w], pool_mask[idx, :w]),
+                )
+                for idx, w in bucket_rows(attention_mask, buckets)
+            ]
+            order = torch.cat([i for i, _ in parts])
+            return torch.cat([e for _, e in parts])[torch.argsort(order)]
+
+        enc.forward = forward
+
+
 # ------------------------------------------------------------------------------------------------
 
 
@@ -288,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         peer = Peer(py, model_dir, work / "batches.json", args, threads)
         try:
             plain = None if args.no_plain else LLMClipPlainStep(cfg)
+            bucketed = LLMClipBucketedStep(cfg, args.buckets) if args.buckets > 1 else None
             ours = LLMClipEngineStep(cfg)
             batches = [contrastive_batch(ours.encoder, g, instr) for g in groups]
             vocab = len(ours.encoder.tokenizer)
@@ -305,9 +345,15 @@ def main(argv: list[str] | None = None) -> int:
                 for b in batches:
                     plain.step(b)
 
+            def run_bucketed() -> None:
+                for b in batches:
+                    bucketed.step(b)
+
             runners = {"llmclip": run_ours, "llm2vec": lambda: peer.run(k)}
             if plain is not None:
                 runners["llmclip (no DeepSpeed)"] = run_plain
+            if bucketed is not None:
+                runners[BUCKETED] = run_bucketed
             times = C.interleaved(runners, reps=args.reps, warmup=args.warmup)
             # The peer times its steps itself (no pipe latency); use those seconds.
             times["llm2vec"] = peer.seconds[-args.reps :]
@@ -316,9 +362,15 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             peer.close()
 
-    tokens = {"llmclip": sum(real), "llmclip (no DeepSpeed)": sum(real)}
+    tokens = {"llmclip": sum(real), "llmclip (no DeepSpeed)": sum(real), BUCKETED: sum(real)}
     tokens["llm2vec"] = sum(peer.info["real_tokens"])
     pads = {"llmclip": sum(padded), "llmclip (no DeepSpeed)": sum(padded)}
+    pads[BUCKETED] = sum(
+        len(idx) * w
+        for b in batches
+        for key in ("q_attn", "d_attn")
+        for idx, w in bucket_rows(b[key], max(1, args.buckets))
+    )
     pads["llm2vec"] = sum(peer.info["padded_tokens"])
     base_tok = tokens["llm2vec"] / C.median(times["llm2vec"])
     rows = []
