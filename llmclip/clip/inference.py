@@ -118,8 +118,12 @@ def load(run: str | Path, device: str = "cpu", encoder: str | None = None) -> CL
         raise ConfigError(f"{d / 'clip.json'} is unreadable: {e!r}", "model") from None
     cfg.vision.pretrained = False  # the weights come from the run
     model = CLIPModel(cfg, text_dim, image_size)
-    weights = load_file(str(d / "model.safetensors"))
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    try:  # a broken header or a tensor of the wrong shape: refused, naming the file
+        weights = load_file(str(d / "model.safetensors"))
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except Exception as e:  # noqa: BLE001 - SafetensorError, OSError, RuntimeError (size mismatch)
+        why = " ".join(str(e).split())[:400]
+        raise ConfigError(f"{d / 'model.safetensors'}: refused ({type(e).__name__}: {why})", "model") from None
     if missing or unexpected:
         raise ConfigError(
             f"{d / 'model.safetensors'} does not fit clip.json (missing {missing[:3]}, unexpected {unexpected[:3]})",
