@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "labels": "llmclip.clinical.commands",
     "demo": "llmclip.demo",
     "plan": "llmclip.plan",
+    "eval": "llmclip.eval.commands",
 }
 
 
