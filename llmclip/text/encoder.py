@@ -49,6 +49,8 @@ class LoraSection:
     def validate(self) -> None:
         if self.r < 1:
             raise ConfigError("must be >= 1", "r")
+        if self.alpha < 1:
+            raise ConfigError("must be >= 1 (the adapter scale is alpha / r)", "alpha")
         if not 0 <= self.dropout < 1:
             raise ConfigError("must be in [0, 1)", "dropout")
         if not self.target_modules:
@@ -90,6 +92,9 @@ class ModelConfig:
         check_source(self.source)
         if self.keep_layers < 0:
             raise ConfigError("must be >= 0", "keep_layers")
+        for name in ("pooler_latents", "pooler_heads"):
+            if getattr(self, name) < 1:
+                raise ConfigError("must be >= 1", name)
         if self.max_length < 8:
             raise ConfigError("must be >= 8", "max_length")
         if self.quantization == "nf4" and not self.lora.enabled:

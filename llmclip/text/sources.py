@@ -55,6 +55,10 @@ class TinyLlamaSpec:
     """Seed of the random initial weights."""
 
     def validate(self) -> None:
+        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                     "intermediate_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError("must be >= 1", name)
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError("hidden_size must be divisible by num_attention_heads", "hidden_size")
         if self.num_attention_heads % self.num_key_value_heads:
