@@ -190,8 +190,8 @@ class Stage1Module(nn.Module):
         if kind == "mntp":
             states = enc.hidden_states(batch["input_ids"], batch["attention_mask"])
             return {"loss": mntp_loss(states, enc.lm_head, batch["labels"]), "metrics": {}}
-        q = enc(batch["q_ids"], batch["q_attn"], batch["q_pool"])
-        docs = enc(batch["d_ids"], batch["d_attn"], batch["d_pool"])
+        q = enc.embed_buckets(batch["queries"])
+        docs = enc.embed_buckets(batch["docs"])
         b = q.shape[0]
         loss, metrics = contrastive_loss(q, docs[:b], docs[b:], batch["neg_valid"], batch["pos_ids"],
                                          batch["neg_ids"], self.obj.contrastive_scale)
@@ -215,20 +215,26 @@ def make_batch(kind: str, metas: list[dict[str, Any]], enc: LLMEncoder, obj: Obj
         return {"kind": "mntp", "input_ids": ids, "attention_mask": t["attention_mask"], "labels": labels}
     rng = random.Random(seed)
     pairs = build_pairs(metas, rng, obj.hard_negatives, obj.summary_fraction)
-    q = enc.tokenize([p.query for p in pairs], [obj.instructions[p.kind] for p in pairs])
-    d = enc.tokenize([p.positive for p in pairs] + [n for p in pairs for n in p.negatives])
     return {
         "kind": "contrastive",
-        "q_ids": q["input_ids"], "q_attn": q["attention_mask"], "q_pool": q["pool_mask"],
-        "d_ids": d["input_ids"], "d_attn": d["attention_mask"], "d_pool": d["pool_mask"],
+        "queries": enc.tokenize_buckets([p.query for p in pairs], [obj.instructions[p.kind] for p in pairs],
+                                        buckets=2),
+        "docs": enc.tokenize_buckets([p.positive for p in pairs] + [n for p in pairs for n in p.negatives],
+                                     buckets=3),
         "neg_valid": torch.tensor([v for p in pairs for v in p.negative_valid], dtype=torch.bool),
         "pos_ids": torch.tensor([text_id(p.positive) for p in pairs], dtype=torch.long),
         "neg_ids": torch.tensor([text_id(n) for p in pairs for n in p.negatives], dtype=torch.long),
     }
 
 
-def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+def _to(batch: Any, device: torch.device) -> Any:
+    if torch.is_tensor(batch):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {k: _to(v, device) for k, v in batch.items()}
+    if isinstance(batch, list):
+        return [_to(v, device) for v in batch]
+    return batch
 
 
 def _cpu_threads() -> None:
@@ -334,7 +340,7 @@ def run(cfg: Stage1Config) -> int:
     preempt = PreemptionHandler()  # SIGUSR1 from slurm/launch.sh: checkpoint, exit, get requeued
     while step < cfg.optim.max_steps:
         kind = "mntp" if step < cfg.stage1.mntp_steps else "contrastive"
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         losses, metrics, skip = [], {}, False
         for micro in range(accum):
             seed = step_seed(cfg.run.seed, step, env.rank, micro)
@@ -367,6 +373,7 @@ def run(cfg: Stage1Config) -> int:
         if env.is_main and (step % cfg.run.log_every == 0 or step == cfg.optim.max_steps or step == 1):
             rec = {"step": step, "objective": kind, "loss": mean_loss,
                    "lr": engine.get_lr()[0], "step_time_s": time.perf_counter() - t0,
+                   "step_cpu_s": time.process_time() - c0,  # rank 0's CPU time: wall on an idle machine
                    "samples_seen": step * cfg.deepspeed.micro_batch_size * accum * env.world_size, **metrics}
             with open(out / "metrics.jsonl", "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(rec) + "\n")

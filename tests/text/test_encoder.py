@@ -136,3 +136,15 @@ def test_encoder_dir_round_trip(tiny_encoder_dir):
     assert _first_state_moves(enc, [REPORT]) > 1e-4  # still bidirectional after reload
     emb = enc.encode([REPORT, "No effusion."])
     assert emb.shape == (2, 64) and torch.isfinite(emb).all()
+
+
+def test_length_buckets_match_one_padded_batch(encoders):
+    enc = encoders["sdpa"]
+    texts = ["No effusion.", REPORT * 3, "Clear lungs.", "Mild cardiomegaly with small bilateral effusions.", "x"]
+    ins = ["Retrieve", None, "Retrieve", None, "Summarize"]
+    b = enc.tokenize_buckets(texts, ins, buckets=3)
+    one = enc.tokenize(texts, ins)
+    assert len(b["input_ids"]) == 3
+    assert sum(t.numel() for t in b["input_ids"]) < 0.6 * one["input_ids"].numel()  # less padding
+    with torch.no_grad():
+        torch.testing.assert_close(enc.embed_buckets(b), enc(**one), atol=1e-5, rtol=1e-5)
