@@ -128,6 +128,29 @@ def cache_rows(cache: EmbeddingCache, shards: Sequence[str], keys: Sequence[str]
     return out
 
 
+def text_statistics(
+    cache: EmbeddingCache, shards: Sequence[str], column: int, max_rows: int = 20_000
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-feature mean and std of one cache column over the training shards (deterministic:
+    evenly spaced rows of every shard, at most ``max_rows`` in all; float64 sums)."""
+    per_shard = max(1, -(-max_rows // max(1, len(shards))))
+    total = np.zeros(cache.dim, dtype=np.float64)
+    sq = np.zeros(cache.dim, dtype=np.float64)
+    n = 0
+    for name in shards:
+        arr = cache.array(name)
+        idx = np.unique(np.linspace(0, len(arr) - 1, num=min(per_shard, len(arr))).astype(np.int64))
+        rows = np.asarray(arr[idx, column], dtype=np.float64)
+        total += rows.sum(0)
+        sq += (rows * rows).sum(0)
+        n += len(rows)
+    if n == 0:
+        raise ConfigError("the embedding cache has no rows for the training shards", "data.cache")
+    mean = total / n
+    std = np.sqrt(np.maximum(sq / n - mean * mean, 0.0))
+    return torch.from_numpy(mean).float(), torch.from_numpy(std).float()
+
+
 def unbatch(batch: Any) -> list[dict[str, Any]]:
     """Loader batch (a list of sample dicts, or a dict of lists) -> list of sample dicts."""
     if isinstance(batch, list):

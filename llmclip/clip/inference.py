@@ -123,7 +123,9 @@ def load(run: str | Path, device: str = "cpu", encoder: str | None = None) -> CL
         missing, unexpected = model.load_state_dict(weights, strict=False)
     except Exception as e:  # noqa: BLE001 - SafetensorError, OSError, RuntimeError (size mismatch)
         why = " ".join(str(e).split())[:400]
-        raise ConfigError(f"{d / 'model.safetensors'}: refused ({type(e).__name__}: {why})", "model") from None
+        raise ConfigError(
+            f"{d / 'model.safetensors'}: refused ({type(e).__name__}: {why})", "model"
+        ) from None
     if missing or unexpected:
         raise ConfigError(
             f"{d / 'model.safetensors'} does not fit clip.json (missing {missing[:3]}, unexpected {unexpected[:3]})",

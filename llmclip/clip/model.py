@@ -61,6 +61,10 @@ class TextAdapterConfig:
     """Width of the MLP blocks (0 = ``embed_dim``)."""
     dropout: float = 0.0
     """Dropout inside the MLP blocks."""
+    standardize: bool = True
+    """Subtract the training cache's mean embedding and divide by its per-feature std first (fixed
+    statistics, saved with the model): LLM embeddings share one dominant direction (mean cosine
+    ~0.9 between reports), which otherwise makes every report look alike to a fresh adapter."""
 
     def validate(self) -> None:
         if self.blocks < 1:
@@ -183,6 +187,10 @@ class TextAdapter(nn.Module):
 
     def __init__(self, cfg: TextAdapterConfig, text_dim: int, embed_dim: int):
         super().__init__()
+        self.standardize = cfg.standardize
+        # Fixed statistics of the training cache (set by the trainer, stored in the weights).
+        self.register_buffer("mean", torch.zeros(text_dim))
+        self.register_buffer("std", torch.ones(text_dim))
         if cfg.kind == "linear":
             self.net = nn.Sequential(
                 nn.LayerNorm(text_dim), nn.Linear(text_dim, embed_dim, bias=False)
@@ -194,7 +202,13 @@ class TextAdapter(nn.Module):
             layers += [nn.LayerNorm(hidden), nn.Linear(hidden, embed_dim, bias=False)]
             self.net = nn.Sequential(*layers)
 
+    def set_statistics(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        self.mean.copy_(mean.to(self.mean))
+        self.std.copy_(std.to(self.std).clamp(min=1e-6))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.standardize:
+            x = (x - self.mean) / self.std
         return self.net(x)
 
 

@@ -21,7 +21,14 @@ import torch.distributed as dist
 from llmclip.cache import EmbeddingCache, shard_name
 from llmclip.checkpoint import PREEMPTED_EXIT_CODE, PreemptionHandler
 from llmclip.clip import state as ckpt
-from llmclip.clip.batching import GraphFeaturizer, cache_rows, label_matrix, report_text, unbatch
+from llmclip.clip.batching import (
+    GraphFeaturizer,
+    cache_rows,
+    label_matrix,
+    report_text,
+    text_statistics,
+    unbatch,
+)
 from llmclip.clip.losses import total_loss
 from llmclip.clip.model import CLIPModel
 from llmclip.clip.stage2 import (
@@ -143,6 +150,9 @@ class Stage2Trainer:
 
         torch.manual_seed(cfg.run.seed)
         self.model = CLIPModel(cfg.model, self.cache.dim, cfg.data.image_size)
+        if cfg.model.text.standardize:
+            mean, std = text_statistics(self.cache, [s.name for s in shards], self.text_col)
+            self.model.text_adapter.set_statistics(mean, std)
         need_graph = cfg.model.graph.enabled or (
             cfg.loss.soft_labels.enabled and cfg.loss.soft_labels.weight_graph > 0
         )

@@ -116,3 +116,24 @@ def test_augment_is_seeded_and_keeps_shape():
     b = augment(x, torch.Generator().manual_seed(1))
     c = augment(x, torch.Generator().manual_seed(2))
     assert a.shape == x.shape and torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_text_standardisation_removes_the_shared_direction():
+    # Reports that share one dominant direction (as LLM embeddings do) differ only in small parts.
+    g = torch.Generator().manual_seed(0)
+    common = torch.randn(32, generator=g) * 10
+    x = common + 0.1 * torch.randn(64, 32, generator=g)
+    model = CLIPModel(ModelConfig(vision=TINY_VIT, embed_dim=16), text_dim=32, image_size=32)
+    raw = model.encode_text(x)
+    model.text_adapter.set_statistics(x.mean(0), x.std(0))
+    std = model.encode_text(x)
+
+    def mean_cos(e: torch.Tensor) -> float:
+        s = e @ e.T
+        return float((s.sum() - s.diagonal().sum()) / (len(e) * (len(e) - 1)))
+
+    assert mean_cos(raw) > 0.9 and mean_cos(std) < 0.3
+    # The statistics are buffers: saved with the weights, not trained.
+    sd = model.state_dict()
+    assert torch.equal(sd["text_adapter.mean"], x.mean(0))
+    assert "text_adapter.mean" not in dict(model.named_parameters())
