@@ -64,7 +64,7 @@ def evaluate(
     text_metrics: str | None = None,
     batch_size: int = 64,
     num_workers: int = 1,
-    min_positives: int = 5,
+    min_positives: int = 10,
 ) -> dict[str, Any]:
     from llmclip.clinical import CHEXPERT_CLASSES, Labeler, negate
     from llmclip.clip.batching import report_text
@@ -115,8 +115,20 @@ def evaluate(
     omitted = [it.omit_one_finding(t, labeler.label(t).mentions) for t in texts]
     om_idx = [i for i, o in enumerate(omitted) if o is not None]
     om_emb = encode([omitted[i] for i in om_idx]) if om_idx else torch.zeros(0, txt.shape[1])
+    # CXR-Align style: the headline negation score is over images with a positive finding (their
+    # negated report denies what the image shows); over every image it is reported beside it.
+    abnormal = [
+        any(v == 1 for c, v in (m.get("labels") or {}).items() if c != "No Finding")
+        for m in test.metas
+    ]
+    neg_abn = [j for j, i in enumerate(neg_idx) if abnormal[i]]
     align = {
-        "negated": it.preference(test.image[neg_idx], txt[neg_idx], neg_emb),
+        "negated": it.preference(
+            test.image[[neg_idx[j] for j in neg_abn]],
+            txt[[neg_idx[j] for j in neg_abn]],
+            neg_emb[neg_abn],
+        ),
+        "negated_all": it.preference(test.image[neg_idx], txt[neg_idx], neg_emb),
         "omitted": it.preference(test.image[om_idx], txt[om_idx], om_emb),
     }
 
@@ -205,6 +217,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         text_metrics=args.text_metrics,
         batch_size=args.batch_size,
         num_workers=args.num_workers,
+        min_positives=args.min_positives,
     )
     print(_headline(m))
     print(f"wrote {Path(out) / 'metrics.json'} and {Path(out) / 'report.html'}")
@@ -237,6 +250,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--text-metrics", default=None, help="eval text JSON to include in report.html")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     p.add_argument("--num-workers", type=int, default=1, help="image decoding workers")
+    p.add_argument(
+        "--min-positives",
+        type=int,
+        default=10,
+        help="positive (and negative) images a finding needs to enter the macro AUROC",
+    )
     p.set_defaults(func=_cmd_eval)
     inner = p.add_subparsers(dest="eval_command", metavar="{text}")
     t = inner.add_parser("text", help="stage-1 encoder vs baselines on held-out reports")

@@ -141,6 +141,7 @@ def write_report(
         "t2i_r5",
         "t2i_r10",
         "negation_accuracy",
+        "negation_accuracy_all",
         "omission_accuracy",
     ]
     parts.append(_table([[k, metrics.get(k)] for k in head_keys], ["metric", "value"]))

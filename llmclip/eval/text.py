@@ -64,7 +64,9 @@ def load_reports(spec: str, max_reports: int, seed: int) -> list[dict[str, Any]]
     from llmclip.text.pairs import report_text
 
     seen, metas = set(), []
-    loader = make_loader(spec, kind="text", batch_size=256, num_workers=0, shuffle=False, rank=0, world_size=1)
+    loader = make_loader(
+        spec, kind="text", batch_size=256, num_workers=0, shuffle=False, rank=0, world_size=1
+    )
     for batch in loader:
         for meta in batch["meta"]:
             text = report_text(meta)
@@ -90,7 +92,9 @@ def build_suite(metas: list[dict[str, Any]], seed: int) -> TextSuite:
         rng = random.Random(f"{seed}:{meta.get('key', i)}")
         text = report_text(meta)
         s.reports.append(text)
-        rewrites = [v for v in equivalent_rewrites(text, rng) if _norm(v.text).lower() != text.lower()]
+        rewrites = [
+            v for v in equivalent_rewrites(text, rng) if _norm(v.text).lower() != text.lower()
+        ]
         edits, kinds = [], set()
         for v in sorted(one_error_edits(text, rng), key=lambda v: rng.random()):
             t = _norm(v.text)
@@ -174,7 +178,13 @@ def minilm_encoder(batch_size: int = 64) -> Encode:
     def f(texts: list[str], instruction: str | None) -> np.ndarray:
         out = []
         for i in range(0, len(texts), batch_size):
-            b = tok(texts[i : i + batch_size], padding=True, truncation=True, max_length=256, return_tensors="pt")
+            b = tok(
+                texts[i : i + batch_size],
+                padding=True,
+                truncation=True,
+                max_length=256,
+                return_tensors="pt",
+            )
             h = model(**b).last_hidden_state
             m = b["attention_mask"].unsqueeze(-1).float()
             out.append(((h * m).sum(1) / m.sum(1).clamp_min(1)).numpy())
@@ -188,7 +198,9 @@ def tfidf_encoder(suite: TextSuite) -> Encode:
     from sklearn.feature_extraction.text import TfidfVectorizer
 
     corpus = suite.reports + suite.findings + suite.impressions
-    corpus += [t for _, rw, eds, _ in suite.error_items for t in [rw, *eds]] + [t for _, t in suite.abbreviated]
+    corpus += [t for _, rw, eds, _ in suite.error_items for t in [rw, *eds]] + [
+        t for _, t in suite.abbreviated
+    ]
     vec = TfidfVectorizer(lowercase=True, sublinear_tf=True).fit(corpus)
 
     def f(texts: list[str], instruction: str | None) -> np.ndarray:
@@ -197,12 +209,19 @@ def tfidf_encoder(suite: TextSuite) -> Encode:
     return f
 
 
-def base_llm_encoder(meta: dict[str, Any], dtype: torch.dtype, max_length: int, batch_tokens: int) -> Encode:
+def base_llm_encoder(
+    meta: dict[str, Any], dtype: torch.dtype, max_length: int, batch_tokens: int
+) -> Encode:
     """The encoder's base LLM before stage 1: same first layers, causal attention, mean pooling."""
     from llmclip.text.encoder import LLMEncoder, ModelConfig, make_causal
 
-    cfg = ModelConfig(source=meta["base_model"], keep_layers=int(meta.get("keep_layers") or 0),
-                      attention="sdpa", max_length=max_length, pooling="mean")
+    cfg = ModelConfig(
+        source=meta["base_model"],
+        keep_layers=int(meta.get("keep_layers") or 0),
+        attention="sdpa",
+        max_length=max_length,
+        pooling="mean",
+    )
     enc = LLMEncoder.build(cfg, dtype, lora=False)
     make_causal(enc.base_model)
     return llm_encoder(enc.eval(), batch_tokens)
@@ -213,11 +232,21 @@ def register_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--encoder", required=True, help="stage-1 encoder dir (RUN/final)")
     p.add_argument("--shards", default="shards/openi:test", help="held-out text shards SPEC")
     p.add_argument("--out", default=None, help="write the results as JSON here")
-    p.add_argument("--max-reports", type=int, default=400, help="distinct reports sampled from the shards")
-    p.add_argument("--baselines", default=",".join(BASELINES), help=f"comma list of {', '.join(BASELINES)} or none")
+    p.add_argument(
+        "--max-reports", type=int, default=400, help="distinct reports sampled from the shards"
+    )
+    p.add_argument(
+        "--baselines",
+        default=",".join(BASELINES),
+        help=f"comma list of {', '.join(BASELINES)} or none",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of report sampling and variants")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                   help="LLM inference dtype (auto: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16"),
+        default="auto",
+        help="LLM inference dtype (auto: bf16 on CUDA, fp32 on CPU)",
+    )
     p.add_argument("--batch-tokens", type=int, default=4096, help="token budget per LLM batch")
 
 
@@ -230,7 +259,9 @@ def run(args: argparse.Namespace) -> int:
     wanted = [b.strip() for b in args.baselines.split(",") if b.strip() and b.strip() != "none"]
     unknown = sorted(set(wanted) - set(BASELINES))
     if unknown:
-        raise ConfigError(f"unknown baseline(s) {unknown}; choose from {', '.join(BASELINES)}", "--baselines")
+        raise ConfigError(
+            f"unknown baseline(s) {unknown}; choose from {', '.join(BASELINES)}", "--baselines"
+        )
     if not (Path(args.encoder) / "encoder.json").is_file():
         raise ConfigError(f"{args.encoder} is not an encoder dir (no encoder.json)", "--encoder")
     cuda = torch.cuda.is_available()
@@ -244,10 +275,17 @@ def run(args: argparse.Namespace) -> int:
     enc = LLMEncoder.from_dir(args.encoder, device=device, dtype=dtype)
     instructions = dict(enc.meta.get("instructions") or {})
     encoders: list[tuple[str, Callable[[], Encode], dict[str, str]]] = [
-        (f"stage-1 encoder ({Path(args.encoder).name})", lambda: llm_encoder(enc, args.batch_tokens), instructions)]
+        (
+            f"stage-1 encoder ({Path(args.encoder).name})",
+            lambda: llm_encoder(enc, args.batch_tokens),
+            instructions,
+        )
+    ]
     if "base-llm" in wanted:
         name = f"untrained base LLM, mean ({enc.meta.get('base_model', '?')})"
-        encoders.append((name, lambda: base_llm_encoder(enc.meta, dtype, enc.max_length, args.batch_tokens), {}))
+        encoders.append(
+            (name, lambda: base_llm_encoder(enc.meta, dtype, enc.max_length, args.batch_tokens), {})
+        )
     if "minilm" in wanted:
         encoders.append(("all-MiniLM-L6-v2, mean", minilm_encoder, {}))
     if "tfidf" in wanted:
@@ -259,11 +297,18 @@ def run(args: argparse.Namespace) -> int:
         table.append(row)
         log.info("%s: %s", name, row)
     result = {
-        "encoder_dir": str(args.encoder), "fingerprint": enc.fingerprint, "shards": args.shards,
-        "counts": {"reports": len(suite.reports), "error_items": len(suite.error_items),
-                   "findings_impression": len(suite.findings), "distinct_impressions": len(suite.impressions),
-                   "abbreviated": len(suite.abbreviated)},
-        "table": table, "seconds": round(time.time() - t_all, 1),
+        "encoder_dir": str(args.encoder),
+        "fingerprint": enc.fingerprint,
+        "shards": args.shards,
+        "counts": {
+            "reports": len(suite.reports),
+            "error_items": len(suite.error_items),
+            "findings_impression": len(suite.findings),
+            "distinct_impressions": len(suite.impressions),
+            "abbreviated": len(suite.abbreviated),
+        },
+        "table": table,
+        "seconds": round(time.time() - t_all, 1),
     }
     print(format_table(result))
     if args.out:
@@ -277,15 +322,21 @@ def run(args: argparse.Namespace) -> int:
 
 def format_table(result: dict[str, Any]) -> str:
     """A Markdown table of the results (what the README shows)."""
-    cols = [("error_discrimination", "error discr."), ("error_pairwise", "pairwise"),
-            ("findings_to_impression_r1", "F->I R@1"), ("findings_to_impression_r5", "F->I R@5"),
-            ("abbreviation_r1", "abbrev. R@1")]
+    cols = [
+        ("error_discrimination", "error discr."),
+        ("error_pairwise", "pairwise"),
+        ("findings_to_impression_r1", "F->I R@1"),
+        ("findings_to_impression_r5", "F->I R@5"),
+        ("abbreviation_r1", "abbrev. R@1"),
+    ]
     lines = ["| encoder | " + " | ".join(c[1] for c in cols) + " |", "|---|" + "---:|" * len(cols)]
     for row in result["table"]:
         vals = [f"{100 * row[k]:.1f}" if k in row and row[k] == row[k] else "-" for k, _ in cols]
         lines.append(f"| {row['encoder']} | " + " | ".join(vals) + " |")
     c = result["counts"]
-    lines.append(f"\n{c['reports']} held-out reports; {c['error_items']} error items; "
-                 f"{c['findings_impression']} findings vs {c['distinct_impressions']} distinct impressions; "
-                 f"{c['abbreviated']} abbreviated reports.")
+    lines.append(
+        f"\n{c['reports']} held-out reports; {c['error_items']} error items; "
+        f"{c['findings_impression']} findings vs {c['distinct_impressions']} distinct impressions; "
+        f"{c['abbreviated']} abbreviated reports."
+    )
     return "\n".join(lines)
