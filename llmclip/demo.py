@@ -84,7 +84,7 @@ def plan_steps(out: Path, quick: bool, ranks: int) -> list[Step]:
         Step("cache", _exists(cache / "meta.json"),
              [[llmclip, "cache", "build", "--encoder", str(stage1 / "final"), "--shards", str(shards),
                "--out", str(cache), "--variants", "report,negated"]]),
-        Step("stage 2", _exists(stage2 / "final"),
+        Step("stage 2", _exists(stage2 / "final" / "clip.json"),
              [_deepspeed(str(REPO / "configs/stage2/demo.yaml"), s2_over, ranks)]),
         Step("eval text", _exists(out / "eval_text.json"),
              [[llmclip, "eval", "text", "--encoder", str(stage1 / "final"), "--shards", f"{shards}:test",
@@ -140,20 +140,21 @@ def run_steps(steps: list[Step], log_dir: Path) -> dict[str, float]:
 
 def summary(out: Path) -> str:
     """The terminal summary: the headline numbers of eval text and eval, read from their JSON."""
-    lines = ["", "llmclip demo summary (synthetic images rendered from real Open-I reports)", "-" * 72]
+    from llmclip.eval.text import format_table
+
+    lines = ["", "llmclip demo summary (images are rendered from real Open-I reports: synthetic)", "-" * 78]
     text = out / "eval_text.json"
     if text.exists():
-        rows = json.loads(text.read_text()).get("table", [])
-        lines.append(f"{'text encoder':34s} {'error-discrim':>14s} {'F->I R@1':>10s}")
-        for r in rows:
-            lines.append(f"{r['encoder']:34s} {r['error_discrimination']:14.3f} {r['findings_to_impression_r1']:10.3f}")
+        lines += ["Stage 1 text encoder vs baselines (held-out reports, %):", format_table(json.loads(text.read_text())), ""]
     metrics = out / "eval" / "metrics.json"
     if metrics.exists():
         m = json.loads(metrics.read_text())
-        for key in ("zero_shot_macro_auroc", "i2t_r1", "t2i_r1", "negation_accuracy", "omission_accuracy"):
-            if key in m:
-                lines.append(f"{key:34s} {m[key]:.3f}")
-        lines.append(f"report: {out / 'eval' / 'report.html'}")
+        lines.append("Stage 2 CLIP on held-out patients:")
+        for key in ("zero_shot_macro_auroc", "i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5", "negation_accuracy",
+                    "omission_accuracy"):
+            if isinstance(m.get(key), float):
+                lines.append(f"  {key:28s} {m[key]:.3f}")
+        lines.append(f"report: {out / 'report.html'}")
     return "\n".join(lines)
 
 
