@@ -160,7 +160,10 @@ def run_stage2(
     out = work / f"stage2-{n}"
     shutil.rmtree(out, ignore_errors=True)
     cmd = [
-        str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(args.ranks),
+        # A free rendezvous port: the default 29500 collides with any other launch on this host
+        # (the ranks then join the other job's store and wait for its collective timeout).
+        str(Path(sys.executable).parent / "deepspeed"), "--master_port", str(C.free_port()),
+        "--num_gpus", str(args.ranks),
         str(C.REPO / "llmclip/train.py"), "--config", str(C.REPO / "configs/stage2/tiny.yaml"),
     ]  # fmt: skip
     for o in (
@@ -213,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     res = run_stage2(n, work, enc, args)
                 results.setdefault(job, []).append(res)
+                wall, peak, samples, work_s = res
+                print(f"  {samples} samples: wall {wall:.1f} s, work {work_s:.1f} s, "
+                      f"peak RSS {peak / MiB:.0f} MiB", flush=True)  # fmt: skip
     finally:
         if tmp is not None:
             tmp.cleanup()

@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--embed-dim", type=int, default=256)
     p.add_argument("--steps", type=int, default=1, help="optimizer steps per timed repetition")
-    p.add_argument("--reps", type=int, default=9, help="timed repetitions of each contender")
+    p.add_argument("--reps", type=int, default=7, help="timed repetitions of each contender")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--text-layers", type=int, default=12, help="open_clip text tower depth")
     p.add_argument("--text-width", type=int, default=512, help="open_clip text tower width")
