@@ -100,7 +100,7 @@ def run(cmd: list[str], log: Path, env: dict[str, str] | None = None, timeout: f
 
 def kill_at_random_point(cmd: list[str], log: Path, env: dict[str, str], seed: int,
                          progress: Callable[[], int], stages: int, max_delay: float,
-                         timeout: float = 300) -> bool:
+                         timeout: float = 900) -> bool:
     """Start ``cmd``; once ``progress()`` reaches a seeded random stage in 1..``stages``, wait a
     seeded random delay and SIGKILL the whole process group. False if the command finished first."""
     rng = random.Random(seed)

@@ -118,7 +118,7 @@ def assert_names_field(err: ConfigError, path: str) -> None:
 
 
 @pytest.mark.parametrize("name,path,tp", FIELDS, ids=[f"{n}:{p}" for n, p, _ in FIELDS])
-@settings(max_examples=12, deadline=None, derandomize=True,
+@settings(max_examples=8, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(data=st.data())
 def test_every_field_refuses_wrong_types_and_out_of_range_values(name, path, tp, data, tmp_path):
@@ -132,7 +132,7 @@ def test_every_field_refuses_wrong_types_and_out_of_range_values(name, path, tp,
     assert_names_field(info.value, path)
 
 
-@settings(max_examples=150, deadline=None, derandomize=True,
+@settings(max_examples=100, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_set_overrides_of_random_fields_fail_cleanly(data, tmp_path):
