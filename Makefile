@@ -1,5 +1,7 @@
 # Two entry points: `make demo` (the whole pipeline on the embedded default) and `make test`.
-PY ?= python3
+# Resolved now, before the targets below put the venv first on PATH.
+SYSTEM_PY := $(shell command -v python3)
+PY ?= $(SYSTEM_PY)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
