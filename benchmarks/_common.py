@@ -139,6 +139,11 @@ def offline_hub() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # DeepSpeed JIT-builds a shared-memory comm op on CPU hosts. In the shared default folder
+    # (~/.cache/torch_extensions) every other virtualenv's build has another hash, so processes of
+    # different venvs rebuild it in turn under one file lock (minutes each on a busy machine): a
+    # benchmark would time that wait. One folder per interpreter builds it once.
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
 
 
 # ------------------------------------------------------------------------------------------------

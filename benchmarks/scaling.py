@@ -48,6 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--jobs", default="shards,cache,stage2", help="comma-separated subset of the jobs to run"
     )
+    p.add_argument("--reps", type=int, default=1, help="interleaved repetitions (medians)")
     p.add_argument("--keep", default="", help="keep the work folder here instead of a temp dir")
     p.add_argument("--json", default="", help="also write the results to this JSON file")
     return p.parse_args(argv)
@@ -204,24 +205,32 @@ def main(argv: list[str] | None = None) -> int:
         "cache": (args.text_n, args.text_n * args.factor),
         "stage2": (args.image_n, args.image_n * args.factor),
     }
-    results: dict[str, list[tuple[float, int, int, float]]] = {}
+    runs: dict[tuple[str, int], list[tuple[float, int, int, float]]] = {}
     try:
         for job in jobs:
-            for n in sizes[job]:
-                print(f"{job}: n={n} ...", flush=True)
-                if job == "shards":
-                    res = run_shards(n, work, args)
-                elif job == "cache":
-                    res = run_cache(n, work, enc)
-                else:
-                    res = run_stage2(n, work, enc, args)
-                results.setdefault(job, []).append(res)
-                wall, peak, samples, work_s = res
-                print(f"  {samples} samples: wall {wall:.1f} s, work {work_s:.1f} s, "
-                      f"peak RSS {peak / MiB:.0f} MiB", flush=True)  # fmt: skip
+            for rep in range(args.reps):  # n, 4n, n, 4n, ...: drift of the machine hits both sizes
+                for n in sizes[job]:
+                    print(f"{job}: n={n} (repetition {rep + 1}/{args.reps}) ...", flush=True)
+                    if job == "shards":
+                        res = run_shards(n, work, args)
+                    elif job == "cache":
+                        res = run_cache(n, work, enc)
+                    else:
+                        res = run_stage2(n, work, enc, args)
+                    runs.setdefault((job, n), []).append(res)
+                    wall, peak, samples, work_s = res
+                    print(f"  {samples} samples: wall {wall:.1f} s, work {work_s:.1f} s, "
+                          f"peak RSS {peak / MiB:.0f} MiB", flush=True)  # fmt: skip
     finally:
         if tmp is not None:
             tmp.cleanup()
+    # Per job and size: median wall and work time, largest peak, the sample count.
+    results: dict[str, list[tuple[float, int, int, float]]] = {}
+    for (job, _), rs in runs.items():
+        results.setdefault(job, []).append(
+            (C.median([r[0] for r in rs]), max(r[1] for r in rs), rs[0][2],
+             C.median([r[3] for r in rs]))
+        )  # fmt: skip
 
     rows, worst_t, worst_m = [], 0.0, 0.0
     for job, ((t1, m1, s1, w1), (t2, m2, s2, w2)) in results.items():

@@ -1,6 +1,6 @@
 """Stage-1 contrastive step, tokens/s: llmclip vs the llm2vec package's reference implementation.
 
-    python benchmarks/stage1_step.py                  # tiny Llama 4 x 256, 16 pairs (~3 min, 2 cores)
+    python benchmarks/stage1_step.py                  # tiny Llama 4 x 256, 16 pairs (~5 min, 2 cores)
     python benchmarks/stage1_step.py --hidden 576 --layers 8 --batch 32
 
 Both sides train LoRA (r 16, alpha 32, dropout 0.05, on q,k,v,o,gate,up,down) on the *same* tiny
@@ -11,11 +11,9 @@ same batches of real Open-I report pairs built by ``llmclip.text.pairs.build_pai
 
 - ``llmclip``: what ``llmclip/train.py`` runs for stage 1 on a CPU -- ``LLMEncoder.build`` +
   ``Stage1Module`` (contrastive objective) under a DeepSpeed engine with the repo's
-  ``ds_configs/cpu_zero3.json``; the row ``llmclip (no DeepSpeed)`` is the same module with a bare
+  ``ds_configs/cpu_zero3.json``, on the tensors of ``llmclip.text.stage1.make_batch`` (queries and
+  documents each split into length buckets, every bucket padded only to its own longest row); the row ``llmclip (no DeepSpeed)`` is the same module with a bare
   torch AdamW loop, to show what the engine costs on one rank;
-- ``llmclip + length buckets (proposal)``: not llmclip code yet -- the no-DeepSpeed step with the
-  encoder's inputs run as 4 length-sorted sub-batches, each padded only to its own longest row
-  (exact: right padding is masked), measured to show what removing padded tokens would gain;
 - ``llm2vec``: llm2vec 0.2.x's supervised step (see ``_llm2vec_peer.py``), in its own venv
   (``.bench-venv/llm2vec``, created here on first use: llm2vec pins transformers 4.44), in a
   subprocess that exchanges only numbers (JSON) with this one.
@@ -43,7 +41,6 @@ import _common as C  # noqa: E402
 import torch  # noqa: E402
 
 VENV = C.REPO / ".bench-venv" / "llm2vec"
-BUCKETED = "llmclip + length buckets (proposal)"
 # Versions that install together and run on this machine's torch (llm2vec 0.2.3 requires
 # transformers <= 4.44.2; peft releases after 0.12 need a newer transformers).
 PEER_PACKAGES = ["torch==2.14.1", "llm2vec==0.2.3", "transformers==4.44.2", "peft==0.12.0"]
@@ -138,20 +135,47 @@ class Peer:
 # ------------------------------------------------------------------------------------------------
 
 
-def make_pairs(n: int, seed: int = 0) -> list:
-    """``n`` contrastive pairs (one hard negative each) from real Open-I reports."""
+def openi_metas(n: int, seed: int = 0) -> list[dict]:
+    """``n`` shard-style sample metas (report sections) of real Open-I reports, shuffled."""
     from llmclip.assets import openi_reports_tgz
     from llmclip.clinical.openi import read_openi
-    from llmclip.text.pairs import build_pairs
 
     metas = [
         {"report": {"findings": r.findings, "impression": r.impression, "full": r.text}}
         for r in read_openi(openi_reports_tgz())
         if r.text
     ]
-    rng = random.Random(seed)
-    rng.shuffle(metas)
-    return build_pairs(metas[: n + n // 4], rng, hard_negatives=1, summary_fraction=0.5)[:n]
+    random.Random(seed).shuffle(metas)
+    return metas[:n]
+
+
+def step_batches(metas: list[dict], enc, obj, batch: int, steps: int) -> tuple[list, list]:
+    """Per step: the pairs (for the peer) and llmclip's own ``make_batch`` tensors.
+
+    ``make_batch`` draws its pairs with ``build_pairs(metas, random.Random(seed), ...)``; the same
+    call here yields the very same pairs, so both sides train on identical texts.
+    """
+    from llmclip.text.objectives import blank_token_id
+    from llmclip.text.pairs import build_pairs
+    from llmclip.text.stage1 import make_batch
+
+    blank = blank_token_id(enc.tokenizer)
+    pairs, batches = [], []
+    for i in range(steps):
+        group = metas[i * batch : (i + 1) * batch]
+        seed = 1000 + i
+        p = build_pairs(group, random.Random(seed), obj.hard_negatives, obj.summary_fraction)
+        if len(p) != batch:
+            raise RuntimeError(f"expected {batch} pairs, got {len(p)}")
+        pairs.append(p)
+        batches.append(make_batch("contrastive", group, enc, obj, seed, blank))
+    return pairs, batches
+
+
+def token_counts(b: dict) -> tuple[int, int]:
+    """(real, padded) tokens of one contrastive batch (queries + docs, every length bucket)."""
+    masks = [*b["queries"]["attention_mask"], *b["docs"]["attention_mask"]]
+    return sum(int(m.sum()) for m in masks), sum(int(m.numel()) for m in masks)
 
 
 def stage1_config(args: argparse.Namespace, model_dir: Path, out: Path):
@@ -172,22 +196,6 @@ def stage1_config(args: argparse.Namespace, model_dir: Path, out: Path):
             precision="fp32",
         ),
     )  # fmt: skip
-
-
-def contrastive_batch(enc, pairs: list, instructions: dict[str, str]) -> dict:
-    """The tensors ``llmclip.text.stage1.make_batch`` builds for these pairs."""
-    from llmclip.text.pairs import text_id
-
-    q = enc.tokenize([p.query for p in pairs], [instructions[p.kind] for p in pairs])
-    d = enc.tokenize([p.positive for p in pairs] + [n for p in pairs for n in p.negatives])
-    return {
-        "kind": "contrastive",
-        "q_ids": q["input_ids"], "q_attn": q["attention_mask"], "q_pool": q["pool_mask"],
-        "d_ids": d["input_ids"], "d_attn": d["attention_mask"], "d_pool": d["pool_mask"],
-        "neg_valid": torch.tensor([v for p in pairs for v in p.negative_valid], dtype=torch.bool),
-        "pos_ids": torch.tensor([text_id(p.positive) for p in pairs], dtype=torch.long),
-        "neg_ids": torch.tensor([text_id(n) for p in pairs for n in p.negatives], dtype=torch.long),
-    }  # fmt: skip
 
 
 class LLMClipEngineStep:
@@ -256,38 +264,6 @@ class LLMClipPlainStep:
         self.loss = float(out["loss"].detach())
 
 
-def bucket_rows(attention_mask: torch.Tensor, buckets: int) -> list[tuple[torch.Tensor, int]]:
-    """Rows sorted by length, cut into ``buckets`` groups, each with its own padded width."""
-    lens = attention_mask.sum(1)
-    order = torch.argsort(lens, descending=True)
-    return [(idx, int(lens[idx].max())) for idx in order.chunk(buckets) if len(idx)]
-
-
-class LLMClipBucketedStep(LLMClipPlainStep):
-    """A proposal measured beside the real thing (not in llmclip): the encoder runs each of its
-    inputs (queries; positives + negatives) as ``buckets`` length-sorted sub-batches, each padded
-    only to its own longest row, and puts the embeddings back in order. Right padding + the
-    padding mask make this exact (same states up to float rounding); it removes most padded
-    tokens from a batch of report lengths. Compare with the ``llmclip (no DeepSpeed)`` row."""
-
-    def __init__(self, cfg, buckets: int):
-        super().__init__(cfg)
-        enc, plain_forward = self.encoder, self.encoder.forward
-
-        def forward(input_ids, attention_mask, pool_mask):
-            parts = [
-                (
-                    idx,
-                    plain_forward(input_ids[idx, :w], attention_mask[idx, :w], pool_mask[idx, :w]),
-                )
-                for idx, w in bucket_rows(attention_mask, buckets)
-            ]
-            order = torch.cat([i for i, _ in parts])
-            return torch.cat([e for _, e in parts])[torch.argsort(order)]
-
-        enc.forward = forward
-
-
 # ------------------------------------------------------------------------------------------------
 
 
@@ -307,13 +283,19 @@ def main(argv: list[str] | None = None) -> int:
         num_attention_heads=max(1, args.hidden // 64), num_key_value_heads=max(1, args.hidden // 128),
         intermediate_size=max(64, args.hidden * 5 // 2 // 64 * 64),
     )  # fmt: skip
-    pairs = make_pairs(args.batch * k)
+    metas = openi_metas(args.batch * k)
     with tempfile.TemporaryDirectory(prefix="llmclip-bench-s1-") as tmp:
         work = Path(tmp)
         model_dir = build_tiny_llama(spec, str(work / "models"))
         cfg = stage1_config(args, model_dir, work / "run")
         instr = cfg.stage1.instructions
-        groups = [pairs[i * args.batch : (i + 1) * args.batch] for i in range(k)]
+        plain = None if args.no_plain else LLMClipPlainStep(cfg)
+        ours = LLMClipEngineStep(cfg)
+        groups, batches = step_batches(metas, ours.encoder, cfg.stage1, args.batch, k)
+        vocab = len(ours.encoder.tokenizer)
+        C.set_threads(args.threads)  # DeepSpeed's CPU accelerator may have changed it
+        counts = [token_counts(b) for b in batches]
+        real, padded = [c[0] for c in counts], [c[1] for c in counts]
         peer_batches = [
             {
                 "query": [p.query for p in g],
@@ -326,16 +308,6 @@ def main(argv: list[str] | None = None) -> int:
         (work / "batches.json").write_text(json.dumps(peer_batches), encoding="utf-8")
         peer = Peer(py, model_dir, work / "batches.json", args, threads)
         try:
-            plain = None if args.no_plain else LLMClipPlainStep(cfg)
-            bucketed = LLMClipBucketedStep(cfg, args.buckets) if args.buckets > 1 else None
-            ours = LLMClipEngineStep(cfg)
-            batches = [contrastive_batch(ours.encoder, g, instr) for g in groups]
-            vocab = len(ours.encoder.tokenizer)
-            C.set_threads(args.threads)  # DeepSpeed's CPU accelerator may have changed it
-            real = [
-                int(b["q_attn"].sum() + b["d_attn"].sum()) for b in batches
-            ]  # non-padding tokens per step
-            padded = [int(b["q_attn"].numel() + b["d_attn"].numel()) for b in batches]
 
             def run_ours() -> None:
                 for b in batches:
@@ -345,15 +317,9 @@ def main(argv: list[str] | None = None) -> int:
                 for b in batches:
                     plain.step(b)
 
-            def run_bucketed() -> None:
-                for b in batches:
-                    bucketed.step(b)
-
             runners = {"llmclip": run_ours, "llm2vec": lambda: peer.run(k)}
             if plain is not None:
                 runners["llmclip (no DeepSpeed)"] = run_plain
-            if bucketed is not None:
-                runners[BUCKETED] = run_bucketed
             times = C.interleaved(runners, reps=args.reps, warmup=args.warmup)
             # The peer times its steps itself (no pipe latency); use those seconds.
             times["llm2vec"] = peer.seconds[-args.reps :]
@@ -362,15 +328,9 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             peer.close()
 
-    tokens = {"llmclip": sum(real), "llmclip (no DeepSpeed)": sum(real), BUCKETED: sum(real)}
+    tokens = {"llmclip": sum(real), "llmclip (no DeepSpeed)": sum(real)}
     tokens["llm2vec"] = sum(peer.info["real_tokens"])
     pads = {"llmclip": sum(padded), "llmclip (no DeepSpeed)": sum(padded)}
-    pads[BUCKETED] = sum(
-        len(idx) * w
-        for b in batches
-        for key in ("q_attn", "d_attn")
-        for idx, w in bucket_rows(b[key], max(1, args.buckets))
-    )
     pads["llm2vec"] = sum(peer.info["padded_tokens"])
     base_tok = tokens["llm2vec"] / C.median(times["llm2vec"])
     rows = []
