@@ -53,7 +53,16 @@ def init_distributed(timeout_s: int = 600) -> DistEnv:
     if env.world_size > 1 and not dist.is_initialized():
         import deepspeed
 
-        deepspeed.init_distributed(timeout=datetime.timedelta(seconds=timeout_s))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        # DeepSpeed makes its data-parallel groups with torch's default timeout (30 min on gloo),
+        # not this one: a rank hung while the others checkpoint would stall them for 30 min. Make
+        # this timeout the default of every group created from now on.
+        from torch.distributed import distributed_c10d
+
+        for name in ("default_pg_timeout", "default_pg_nccl_timeout"):
+            if hasattr(distributed_c10d, name):
+                setattr(distributed_c10d, name, timeout)
+        deepspeed.init_distributed(timeout=timeout)
         env = dist_env()
     if torch.cuda.is_available():
         torch.cuda.set_device(env.local_rank)
