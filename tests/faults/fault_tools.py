@@ -216,6 +216,29 @@ def write_manifest(root: Path, count: int, with_images: bool = True) -> Path:
     return root
 
 
+# ---------------------------------------------------------------------------------- engines
+ENGINE = f"import sys\nsys.path.insert(0, {str(Path(__file__).resolve().parent)!r})\n" + r"""
+import json, torch
+from pathlib import Path
+import deepspeed
+from llmclip.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from llmclip.config import ConfigError
+
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 8))
+opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+ds = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "train_batch_size": 2,
+      "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
+engine, *_ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds)
+loss = engine(torch.randn(2, 64)).pow(2).mean()
+engine.backward(loss)
+engine.step()
+"""
+"""Prelude of a child script: one real DeepSpeed engine (ZeRO-2, one rank, torch AdamW) of a small
+model after one optimizer step, and llmclip.checkpoint's functions."""
+
+
 # ---------------------------------------------------------------------------------- recipes
 STAGE1_STEPS = 5
 STAGE2_STEPS = 6
@@ -270,6 +293,13 @@ class SmallDisk:
     then limits every file this process (and its children) writes to ``n`` bytes, and writes beyond
     fail with EFBIG instead of ENOSPC. ``mode`` says which one is in use.
     """
+
+    @classmethod
+    def attach(cls, path: Path, mode: str) -> SmallDisk:
+        """The disk another process mounted (a child process fills it itself)."""
+        disk = cls.__new__(cls)
+        disk.path, disk.ballast, disk.mode = path, path / ".ballast", mode
+        return disk
 
     def __init__(self, root: Path, size: str = "4m"):
         self.path = root / "disk"

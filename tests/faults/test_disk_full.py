@@ -1,7 +1,8 @@
 """A full disk under the three long writers: the shard builder, the cache builder and training
 checkpoints. Each fails with a clear error naming the file it could not write, leaves the previous
 complete state readable (and nothing partial that a reader would take for complete), and a rerun
-once space is back finishes with the same bytes as a run that never ran out of space.
+once space is back finishes with the same bytes as a run that never ran out of space (checkpoints:
+saves again).
 
 The output folder is a small tmpfs (``SmallDisk``) filled to a few hundred KB; where mounting is not
 permitted, ``RLIMIT_FSIZE`` stands in for it (then the first write over the limit fails instead)."""
@@ -11,16 +12,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import subprocess
 
 import numpy as np
 import pytest
-from fault_tools import digest, metrics, stage2_recipe, train_solo, write_config
-from safetensors.torch import load_file
+from fault_tools import ENGINE, PYTHON, REPO, digest, rank_env
 
 from llmclip.cache import EmbeddingCache, emb_path, sidecar_names, sidecar_state
 from llmclip.cache_build import BuildOptions as CacheOptions
 from llmclip.cache_build import build_cache
-from llmclip.checkpoint import latest_checkpoint
 from llmclip.config import ConfigError
 from llmclip.data.build import BuildOptions, build
 
@@ -78,36 +78,40 @@ def test_cache_builder_on_a_full_disk(small_disk, openi_shards, stage2_cache, ti
         assert np.array_equal(got.array(name), ref.array(name)), name
 
 
-def test_checkpoints_on_a_full_disk(small_disk, tmp_path, openi_shards, stage2_cache, tiny_encoder_dir,
-                                    stage2_reference):
-    """A real stage-2 run whose run folder fills up after two checkpoints."""
-    one = sum(f.stat().st_size for f in (stage2_reference / "checkpoints" / "step-000001").iterdir())
-    run = small_disk.path / "run"
-    recipe = stage2_recipe(run, openi_shards, stage2_cache, tiny_encoder_dir, keep_checkpoints=2)
-    cfg = write_config(tmp_path / "cfg.yaml", recipe)
-    log = tmp_path / "log.txt"
-    # tmpfs: room for two checkpoints; RLIMIT_FSIZE: no optimizer.pt fits (the first save fails).
-    leave = int(2.5 * one) if small_disk.mode == "tmpfs" else one // 2
-    with small_disk.full(leave=leave):
-        rc = train_solo(cfg, log)
-    text = log.read_text()
-    assert rc == 2, text[-3000:]
-    errors = [ln for ln in text.splitlines() if "config error" in ln]
-    assert len(errors) == 1 and re.search(rf"cannot write {run}/checkpoints/\S+", errors[0]), errors
-    assert "Traceback" not in text
-    # The previous complete checkpoint is `latest` and readable; nothing partial is left behind.
-    last = latest_checkpoint(run)
-    if small_disk.mode == "tmpfs":
-        assert last is not None and last.name == "step-000002", last
-        want = load_file(str(stage2_reference / "checkpoints" / "step-000002" / "model.safetensors"))
-        got = load_file(str(last / "model.safetensors"))
-        assert all((got[k] == want[k]).all() for k in want)
-    assert not list((run / "checkpoints").glob(".tmp-*")), "the failed checkpoint's temp folder is left"
-    assert not (run / "final").exists()
-    # Space is back: the rerun resumes from that checkpoint and ends where the reference ended.
-    assert train_solo(cfg, log) == 0, log.read_text()[-3000:]
-    loss = {s: r["loss"] for s, r in metrics(run).items()}
-    assert loss == {s: r["loss"] for s, r in metrics(stage2_reference).items()}
-    got = load_file(str(run / "final" / "model.safetensors"))
-    want = load_file(str(stage2_reference / "final" / "model.safetensors"))
-    assert got.keys() == want.keys() and all((got[k] == want[k]).all() for k in want)
+CHECKPOINTS = ENGINE + r"""
+from fault_tools import SmallDisk
+
+disk = SmallDisk.attach(Path(sys.argv[1]), sys.argv[2])
+run = disk.path / "run"
+first = save_checkpoint(run, 1, engine, {"data": {}})
+size = sum(f.stat().st_size for f in first.iterdir())
+out = {}
+engine(torch.randn(2, 64)).pow(2).mean()
+with disk.full(leave=size // 2):  # less than one more checkpoint (tmpfs) / no optimizer.pt (rlimit)
+    try:
+        save_checkpoint(run, 2, engine, {"data": {}})
+        out["save"] = "saved"
+    except ConfigError as e:
+        out["save"] = "ConfigError: " + str(e)
+out["latest"] = str(latest_checkpoint(run))
+out["left"] = sorted(p.name for p in (run / "checkpoints").iterdir())
+out["loaded"] = load_checkpoint(latest_checkpoint(run), engine)["step"]
+out["after"] = str(save_checkpoint(run, 2, engine, {"data": {}}))  # space is back
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_checkpoints_on_a_full_disk(small_disk):
+    """llmclip.checkpoint under a real DeepSpeed engine, in a child process that fills the disk
+    between two checkpoints."""
+    r = subprocess.run([PYTHON, "-c", CHECKPOINTS, str(small_disk.path), small_disk.mode], cwd=REPO,
+                       env=rank_env(), capture_output=True, text=True, timeout=600)
+    line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    assert r.returncode == 0 and line, (r.stdout[-2000:], r.stderr[-3000:])
+    out = json.loads(line[len("RESULT "):])
+    ckpts = small_disk.path / "run" / "checkpoints"
+    assert re.match(rf"ConfigError: cannot write {ckpts}/\.tmp-step-000002-\d+/\S+: .*bytes free", out["save"]), out
+    # The previous complete checkpoint is still `latest` and loads; the failed one left nothing.
+    assert out["latest"] == str(ckpts / "step-000001") and out["loaded"] == 1, out
+    assert out["left"] == ["latest", "step-000001"], out
+    assert out["after"] == str(ckpts / "step-000002")

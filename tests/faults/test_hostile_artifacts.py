@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fault_tools import PYTHON, REPO, rank_env
+from fault_tools import ENGINE, PYTHON, REPO, rank_env
 from safetensors.torch import load_file, save_file
 
 from llmclip.cache import EmbeddingCache, emb_path, keys_path
@@ -37,27 +37,13 @@ def _canary(tmp_path: Path) -> Path:
 
 
 # ---------------------------------------------------------------------------------- checkpoints
-# One real DeepSpeed engine (ZeRO-2, world size 1) writes a genuine checkpoint with llmclip.checkpoint,
-# then loads hostile copies of it; each outcome is printed as JSON.
-CHECKPOINT_CASES = r"""
-import json, os, pickle, shutil, sys, torch
-from pathlib import Path
-import deepspeed
+# A real DeepSpeed engine writes a genuine checkpoint with llmclip.checkpoint, then loads hostile
+# copies of it; each outcome is printed as JSON.
+CHECKPOINT_CASES = ENGINE + r"""
+import pickle, shutil
 from safetensors.torch import load_file, save_file
-from llmclip.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from llmclip.config import ConfigError
 
 root, canary = Path(sys.argv[1]), sys.argv[2]
-torch.manual_seed(0)
-model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
-opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-ds = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "train_batch_size": 2,
-      "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
-engine, *_ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds)
-loss = engine(torch.randn(2, 8)).pow(2).mean()
-engine.backward(loss)
-engine.step()
 good = save_checkpoint(root / "run", 1, engine, {"data": {}})
 
 class Payload:
@@ -75,7 +61,7 @@ def corrupt(case):
         torch.save({"params": Payload()}, d / "optimizer.pt")
     elif case == "weights_wrong_shape":
         w = load_file(str(d / "model.safetensors"))
-        w["0.weight"] = torch.zeros(8, 9)
+        w["0.weight"] = torch.zeros(64, 65)
         save_file(w, str(d / "model.safetensors"))
     elif case == "moments_wrong_shape":
         o = torch.load(d / "optimizer.pt", weights_only=True)
@@ -121,7 +107,7 @@ def test_hostile_checkpoints_are_refused_naming_the_file(tmp_path):
     for case, file in files.items():
         assert out[case].startswith("ConfigError: "), (case, out[case])
         assert f"{tmp_path / case}" in out[case] and file in out[case], (case, out[case])
-    assert "0.weight" in out["weights_wrong_shape"] and "(8, 9)" in out["weights_wrong_shape"]
+    assert "0.weight" in out["weights_wrong_shape"] and "(64, 65)" in out["weights_wrong_shape"]
     assert "exp_avg" in out["moments_wrong_shape"]
     assert out["latest_escape"] == str(tmp_path / "run" / "checkpoints" / "step-000001")
     assert not canary.exists(), "a pickle payload was executed"

@@ -165,11 +165,12 @@ def _train_chain(tmp_path, recipe, reference, steps, seed_base) -> None:
 
 
 def test_stage1_killed_at_random_points(stage1_reference, openi_shards, tmp_path):
-    _train_chain(tmp_path, stage1_recipe(tmp_path / "run", openi_shards), stage1_reference, STAGE1_STEPS, 300)
+    recipe = stage1_recipe(tmp_path / "run", openi_shards, save_every=2)  # steps logged past a checkpoint
+    _train_chain(tmp_path, recipe, stage1_reference, STAGE1_STEPS, 300)
     enc = json.loads((tmp_path / "run" / "final" / "encoder.json").read_text())
     assert enc["fingerprint"] == json.loads((stage1_reference / "final" / "encoder.json").read_text())["fingerprint"]
 
 
 def test_stage2_killed_at_random_points(stage2_reference, openi_shards, stage2_cache, tiny_encoder_dir, tmp_path):
-    recipe = stage2_recipe(tmp_path / "run", openi_shards, stage2_cache, tiny_encoder_dir)
+    recipe = stage2_recipe(tmp_path / "run", openi_shards, stage2_cache, tiny_encoder_dir, save_every=2)
     _train_chain(tmp_path, recipe, stage2_reference, STAGE2_STEPS, 400)
