@@ -58,6 +58,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help=C.THREADS_HELP)
     p.add_argument("--no-plain", action="store_true", help="skip the no-DeepSpeed llmclip row")
     p.add_argument(
+        "--zero-stage", type=int, default=None, choices=(0, 1, 2, 3),
+        help="override the ZeRO stage of ds_configs/cpu_zero3.json (default: its 3)",
+    )  # fmt: skip
+    p.add_argument(
         "--buckets", type=int, default=4, help="length buckets of the proposal row (0 = skip)"
     )
     p.add_argument("--json", default="", help="also write the results to this JSON file")
@@ -193,7 +197,7 @@ def stage1_config(args: argparse.Namespace, model_dir: Path, out: Path):
         optim=OptimConfig(lr=1e-4, weight_decay=0.0, warmup_steps=0, max_steps=10_000),
         deepspeed=DeepSpeedSection(
             config=str(C.REPO / "ds_configs/cpu_zero3.json"), micro_batch_size=args.batch,
-            precision="fp32",
+            precision="fp32", zero_stage=args.zero_stage,
         ),
     )  # fmt: skip
 
