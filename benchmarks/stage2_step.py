@@ -1,6 +1,6 @@
 """Stage-2 training steps/s: llmclip on cached LLM embeddings vs open_clip's own training step.
 
-    python benchmarks/stage2_step.py                       # tiny ViT, 96 px, batch 32 (~3 min, 2 cores)
+    python benchmarks/stage2_step.py                       # tiny ViT, 96 px, batch 32 (~4-7 min, 2 cores)
     python benchmarks/stage2_step.py --vision vit_small_patch16_224 --image-size 224 --batch 64
 
 Three contenders train the *same* timm vision tower (same name, image size, batch, fp32, AdamW,
