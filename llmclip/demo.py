@@ -91,7 +91,8 @@ def plan_steps(out: Path, quick: bool, ranks: int) -> list[Step]:
                "--out", str(out / "eval_text.json")]]),
         Step("eval", _exists(out / "eval" / "metrics.json"),
              [[llmclip, "eval", "--model", str(stage2), "--shards", f"{shards}:test", "--cache", str(cache),
-               "--out", str(out / "eval"), "--text-metrics", str(out / "eval_text.json")]]),
+               "--encoder", str(stage1 / "final"), "--out", str(out / "eval"),
+               "--text-metrics", str(out / "eval_text.json")]]),
     ]
 
 
