@@ -101,10 +101,12 @@ def run(cmd: list[str], log: Path, env: dict[str, str] | None = None, timeout: f
 def kill_at_random_point(cmd: list[str], log: Path, env: dict[str, str], seed: int,
                          progress: Callable[[], int], stages: int, max_delay: float,
                          timeout: float = 900) -> bool:
-    """Start ``cmd``; once ``progress()`` reaches a seeded random stage in 1..``stages``, wait a
-    seeded random delay and SIGKILL the whole process group. False if the command finished first."""
+    """Start ``cmd``; once ``progress()`` has grown by a seeded random 1..``stages`` since the start
+    (a rerun begins with earlier progress), wait a seeded random delay and SIGKILL the whole process
+    group. False if the command finished first."""
     rng = random.Random(seed)
     stage, delay = rng.randint(1, max(1, stages)), rng.uniform(0.0, max_delay)
+    stage += progress()
     proc = Proc(cmd, log, env)
     with open(log, "ab") as fh:
         fh.write(f"[faults] seed {seed}: SIGKILL at progress {stage} + {delay:.2f}s\n".encode())
