@@ -294,12 +294,14 @@ def check_stage1(env: Env, work: Path) -> dict[str, Any]:
     def ids(rows: int) -> torch.Tensor:
         return torch.randint(3, vocab, (rows, seq), generator=gen).to(engine.device)
 
-    ones_q, ones_d = (
-        torch.ones(r, seq, dtype=torch.long, device=engine.device) for r in (b, 2 * b)
-    )
+    def bucket(rows: int) -> dict[str, Any]:
+        """One full-length bucket in ``LLMEncoder.tokenize_buckets``' format (no padding)."""
+        ones = torch.ones(rows, seq, dtype=torch.long, device=engine.device)
+        return {"input_ids": [ids(rows)], "attention_mask": [ones], "pool_mask": [ones],
+                "inverse": torch.arange(rows, device=engine.device)}  # fmt: skip
+
     batch = {
-        "kind": "contrastive", "q_ids": ids(b), "q_attn": ones_q, "q_pool": ones_q,
-        "d_ids": ids(2 * b), "d_attn": ones_d, "d_pool": ones_d,
+        "kind": "contrastive", "queries": bucket(b), "docs": bucket(2 * b),
         "neg_valid": torch.ones(b, dtype=torch.bool, device=engine.device),
         "pos_ids": torch.arange(b, device=engine.device),
         "neg_ids": torch.arange(b, 2 * b, device=engine.device),
