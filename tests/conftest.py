@@ -41,3 +41,85 @@ def tiny_encoder_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("stage1") / "tiny-encoder"
     return save_encoder_dir(out, enc.decoder, enc.tokenizer, enc.pooler, pooling="mean", max_length=128,
                             dtype="float32", extra={"base_model": "tiny:llama"})
+
+
+# --- stage 2: the embedding cache of those shards, and tiny 2-rank training runs ---
+STAGE2_TINY_STEPS = 30
+STAGE2_TINY_SAVE = 15
+
+
+def _stage2_cmd(config: str, overrides: list[str]) -> list[str]:
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", str(repo / "llmclip" / "train.py"),
+           "--config", str(repo / config)]
+    for o in overrides:
+        cmd += ["--set", o]
+    return cmd
+
+
+def launch_stage2(overrides: list[str], log, kill_at_checkpoint: int | None = None, timeout: int = 300) -> int:
+    """Run configs/stage2/tiny.yaml under the real deepspeed launcher (2 CPU ranks).
+
+    With ``kill_at_checkpoint``, SIGKILL the whole launcher process group as soon as that
+    checkpoint is complete (``latest`` names it), mid-run, and return -9.
+    """
+    import os
+    import signal
+    import subprocess
+    import time
+    from pathlib import Path
+
+    out = Path(next(o.split("=", 1)[1] for o in overrides if o.startswith("run.out_dir=")))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    with open(log, "ab") as fh:
+        proc = subprocess.Popen(_stage2_cmd("configs/stage2/tiny.yaml", overrides), stdout=fh,
+                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        deadline = time.time() + timeout
+        try:
+            while proc.poll() is None:
+                if time.time() > deadline:
+                    raise TimeoutError(f"stage 2 run did not finish in {timeout}s; log: {log}")
+                latest = out / "checkpoints" / "latest"
+                if kill_at_checkpoint and latest.is_file() and \
+                        latest.read_text().strip() == f"step-{kill_at_checkpoint:06d}":
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                    return -9
+                time.sleep(0.1)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    return proc.returncode
+
+
+@pytest.fixture(scope="session")
+def stage2_cache(tmp_path_factory, openi_shards, tiny_encoder_dir):
+    """Embedding cache (report + negated report) of every split of ``openi_shards``, tiny encoder."""
+    from llmclip.cache_build import BuildOptions, build_cache
+
+    out = tmp_path_factory.mktemp("stage2") / "cache"
+    build_cache(BuildOptions(encoder=str(tiny_encoder_dir), shards=str(openi_shards), out=str(out),
+                             variants=["report", "negated"], progress=False))
+    return out
+
+
+@pytest.fixture(scope="session")
+def stage2_runs(tmp_path_factory, openi_shards, stage2_cache, tiny_encoder_dir):
+    """Two tiny full-recipe runs of configs/stage2/tiny.yaml on 2 CPU ranks (real deepspeed launcher):
+    ``full`` uninterrupted; ``resumed`` SIGKILLed right after its first checkpoint, then rerun."""
+    root = tmp_path_factory.mktemp("stage2_runs")
+    base = [f"data.shards={openi_shards}:train", f"data.cache={stage2_cache}", f"data.encoder={tiny_encoder_dir}",
+            f"optim.max_steps={STAGE2_TINY_STEPS}", f"run.save_every={STAGE2_TINY_SAVE}"]
+    runs = {"full": root / "full", "resumed": root / "resumed"}
+    log = root / "launch.log"
+    rc = launch_stage2(base + [f"run.out_dir={runs['full']}"], log)
+    assert rc == 0, log.read_text()[-3000:]
+    rc = launch_stage2(base + [f"run.out_dir={runs['resumed']}"], log, kill_at_checkpoint=STAGE2_TINY_SAVE)
+    assert rc == -9 and not (runs["resumed"] / "final").exists(), "the kill came too late to test resume"
+    rc = launch_stage2(base + [f"run.out_dir={runs['resumed']}"], log)
+    assert rc == 0, log.read_text()[-3000:]
+    return {**runs, "log": log, "steps": STAGE2_TINY_STEPS, "save_every": STAGE2_TINY_SAVE}
