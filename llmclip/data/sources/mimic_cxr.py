@@ -19,27 +19,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from llmclip.clinical.lexicon import CHEXPERT_CLASSES
 from llmclip.config import ConfigError
 from llmclip.data.reports import parse_report
 from llmclip.data.sources import Record, decode_text, make_key, require_root
 
 NAME = "mimic-cxr"
-CHEXPERT_COLUMNS = (
-    "No Finding",
-    "Enlarged Cardiomediastinum",
-    "Cardiomegaly",
-    "Lung Lesion",
-    "Lung Opacity",
-    "Edema",
-    "Consolidation",
-    "Pneumonia",
-    "Atelectasis",
-    "Pneumothorax",
-    "Pleural Effusion",
-    "Pleural Other",
-    "Fracture",
-    "Support Devices",
-)
+# CheXpert label CSV columns are the 14 observations, in CheXpert order.
+CHEXPERT_COLUMNS = tuple(CHEXPERT_CLASSES)
 _SPLITS = {"train": "train", "validate": "val", "val": "val", "test": "test"}
 REPORT_DIRS = ("reports/files", "mimic-cxr-reports/files", "files")
 
