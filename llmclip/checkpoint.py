@@ -222,7 +222,8 @@ def load_checkpoint(path: str | Path, engine: Any) -> dict[str, Any]:
     """Restore trainable weights, optimizer and scheduler into ``engine``; return ``state.json``.
 
     Every rank calls (scatters are collective). Names must match the model's trainable parameters
-    exactly; anything else is a ``ConfigError`` naming the checkpoint.
+    exactly; anything else is a ``ConfigError`` naming the checkpoint. ``RUN/metrics.jsonl`` forgets
+    the steps after the checkpoint (they will be logged again).
     """
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
     from safetensors.torch import load_file
@@ -285,8 +286,28 @@ def load_checkpoint(path: str | Path, engine: Any) -> dict[str, Any]:
     engine.global_steps = step
     engine.global_samples = step * int(engine.train_batch_size())
     engine.micro_steps = step * accum
+    if rank() == 0:  # steps logged after this checkpoint are trained (and logged) again
+        _forget_metrics_after(path.parent.parent / "metrics.jsonl", step)
     barrier()
     return info
+
+
+def _forget_metrics_after(path: Path, step: int) -> None:
+    """Drop ``metrics.jsonl`` records of steps after ``step`` (atomic rewrite; a torn last line of a
+    killed run goes too), so a resumed run logs every step exactly once."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and int(rec.get("step", 0)) <= step:
+            keep.append(line)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------
