@@ -161,7 +161,6 @@ CLI_CASES = [
     ("stage1", {"optim": {"lr": "fast"}}, [], "optim.lr"),
     ("stage1", {}, ["model.tiny.num_attention_heads=0"], "model.tiny.num_attention_heads"),
     ("stage2", {}, ["loss.soft_labels.temperature=.nan"], "loss.soft_labels.temperature"),
-    ("stage2", {"deepspeed": {"micro_batch_size": [8]}}, [], "deepspeed.micro_batch_size"),
 ]
 
 
