@@ -66,6 +66,28 @@ def _set_full(param: nn.Parameter, value: torch.Tensor) -> None:
     param.data.copy_(value.to(device=param.device, dtype=param.dtype).view_as(param.data))
 
 
+def _set_hp(param: nn.Parameter, value: torch.Tensor, key: str | None = None) -> None:
+    """Write a whole fp32 master (``key`` None) or optimizer-state tensor into this rank's slice."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    if hasattr(param, "ds_id"):
+        # ZeRO-3: DeepSpeed's own setter narrows past the end of the last rank's padded partition
+        # when numel is not a multiple of the world size (any odd-sized parameter); copy the slice.
+        opt = param._z3_optimizer
+        part, _ = opt._get_fp32_opt_state_partition(param, release_swap_buffers=False, optim_state_key=key)
+        flat = value.flatten().to(part.dtype)
+        start = part.numel() * opt._get_param_partition_rank(param)
+        n = max(0, min(part.numel(), flat.numel() - start))
+        part.data.zero_()
+        if n:
+            part.data[:n].copy_(flat[start:start + n])
+        return
+    if key is None:
+        safe_set_full_fp32_param(param, value)
+    else:
+        safe_set_full_optimizer_state(param, value, key)
+
+
 def _inner_optimizer(engine: Any) -> torch.optim.Optimizer:
     """The torch optimizer under DeepSpeed's ZeRO / bf16 wrapper (or the client optimizer itself)."""
     opt = engine.optimizer
@@ -225,7 +247,6 @@ def load_checkpoint(path: str | Path, engine: Any) -> dict[str, Any]:
     exactly; anything else is a ``ConfigError`` naming the checkpoint. ``RUN/metrics.jsonl`` forgets
     the steps after the checkpoint (they will be logged again).
     """
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -266,9 +287,9 @@ def load_checkpoint(path: str | Path, engine: Any) -> dict[str, Any]:
         entry = optim["params"][name]
         _set_full(p, weights[name])
         if _wrapped(engine, p):
-            safe_set_full_fp32_param(p, entry["fp32"].to(p.device))
+            _set_hp(p, entry["fp32"].to(p.device))
             for k in keys:
-                safe_set_full_optimizer_state(p, entry[k].to(p.device), k)
+                _set_hp(p, entry[k].to(p.device), k)
         else:
             for k in keys:
                 inner.state[p][k] = entry[k].to(device=p.device)
