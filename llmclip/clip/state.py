@@ -50,17 +50,70 @@ def encoder_fingerprint(encoder_dir: str) -> str | None:
     return fp
 
 
-def save(out: Path, step: int, engine: Any, extra: dict[str, Any], keep: int) -> Path:
-    """A resumable checkpoint through ``llmclip.checkpoint`` (every rank calls)."""
-    return save_checkpoint(out, step, engine, extra, keep=keep)
+def _buffers_file(out: Path, step: int, rank: int) -> Path:
+    return out / "checkpoints" / f"buffers-step-{step:06d}-rank{rank}.safetensors"
 
 
-def load_latest(out: Path, engine: Any) -> dict[str, Any] | None:
+def module_buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Persistent buffers (BatchNorm running statistics, text statistics): not trained, so not in
+    ``llmclip.checkpoint``'s files, yet part of what a resumed run must continue from."""
+    params = {n for n, _ in module.named_parameters()}
+    return {
+        k: v.detach().cpu().clone().contiguous()
+        for k, v in module.state_dict().items()
+        if k not in params
+    }
+
+
+def save(out: Path, step: int, engine: Any, extra: dict[str, Any], keep: int, env: DistEnv) -> Path:
+    """A resumable checkpoint (every rank calls): this rank's buffers first (atomic), then the
+    trainable state through ``llmclip.checkpoint``; buffers of pruned checkpoints are removed."""
+    from safetensors.torch import save_file
+
+    bufs = module_buffers(engine.module)
+    if bufs:
+        target = _buffers_file(out, step, env.rank)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        save_file(bufs, str(tmp))
+        os.replace(tmp, target)
+    path = save_checkpoint(out, step, engine, extra, keep=keep)
+    if env.is_main:
+        live = {p.name for p in (out / "checkpoints").glob("step-*") if p.is_dir()}
+        for f in (out / "checkpoints").glob("buffers-step-*.safetensors"):
+            if f.name.split("-rank")[0].removeprefix("buffers-") not in live:
+                f.unlink(missing_ok=True)
+    barrier()
+    return path
+
+
+def load_latest(out: Path, engine: Any, env: DistEnv) -> dict[str, Any] | None:
     """Restore the latest complete checkpoint into ``engine``; its ``state.json`` (None: none yet)."""
+    from safetensors.torch import load_file
+
     path = latest_checkpoint(out)
     if path is None:
         return None
-    return load_checkpoint(path, engine)
+    info = load_checkpoint(path, engine)
+    step = int(info["step"])
+    bufs = module_buffers(engine.module)
+    if bufs:
+        f = _buffers_file(out, step, env.rank)
+        f = f if f.is_file() else _buffers_file(out, step, 0)  # resumed on more ranks than saved
+        if not f.is_file():
+            raise ConfigError(
+                f"{path} has no buffers file ({f.name}); the checkpoint is incomplete", "run.resume"
+            )
+        try:
+            saved = load_file(str(f))
+        except Exception as e:  # noqa: BLE001 - an unreadable file is a bad checkpoint
+            raise ConfigError(f"{f}: unreadable: {e}", "run.resume") from None
+        if set(saved) != set(bufs):
+            raise ConfigError(
+                f"{f} does not match this model's buffers; was the config changed?", "run.resume"
+            )
+        engine.module.load_state_dict(saved, strict=False)
+    return info
 
 
 def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:

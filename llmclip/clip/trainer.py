@@ -178,7 +178,7 @@ class Stage2Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             ckpt.write_run_files(self.out, to_dict(cfg), self.ds_config)
         if cfg.run.resume:
-            resumed = ckpt.load_latest(self.out, self.engine)
+            resumed = ckpt.load_latest(self.out, self.engine, self.env)
             if resumed is not None:
                 self.step = int(resumed["step"])
                 positions = resumed.get("data") or []
@@ -387,7 +387,8 @@ class Stage2Trainer:
             self.step,
             self.engine,
             {"data": positions},
-            keep=self.cfg.run.keep_checkpoints,
+            self.cfg.run.keep_checkpoints,
+            self.env,
         )
 
     def close(self) -> None:
