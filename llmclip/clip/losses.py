@@ -10,8 +10,9 @@ Symmetric InfoNCE (CLIP):
 with T = I (one-hot) for plain CLIP.
 
 Negation hard negatives: image i also scores its own negated report, one extra column in the
-image->report direction: Z_i = [s * img_i . txt_j for all j, s * img_i . neg_i], target 0 there.
-A negated report identical to the report (nothing to negate) is masked out of the softmax.
+image->report direction: Z_i = [s * img_i . txt_j for all j, s * img_i . neg_i + log beta], target 0
+there (beta = ``negation.weight``: the hard negative counts as beta ordinary ones, 1 = plain). A
+negated report identical to the report (nothing to negate) is masked out of the softmax.
 
 Clinically-enhanced dynamic soft labels (computed per global batch, no gradient):
     t_ij = cos(e_i, e_j)                                e = frozen cached LLM report embeddings
@@ -40,6 +41,7 @@ the full matrix (the local gradient is rescaled by W), an approximation with ``l
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -61,10 +63,14 @@ class NegationConfig:
     """Cache column holding the negated report embedding."""
     identical_cos: float = 0.9999
     """A negated embedding at least this close (cosine) to the report one is masked: nothing was negated."""
+    weight: float = 1.0
+    """beta: the negated report counts as beta in-batch negatives (log beta is added to its logit)."""
 
     def validate(self) -> None:
         if not 0 < self.identical_cos <= 1:
             raise ConfigError("must be in (0, 1]", "identical_cos")
+        if not self.weight > 0:
+            raise ConfigError("must be > 0", "weight")
 
 
 @dataclass
@@ -234,6 +240,7 @@ def clip_loss(
     target: torch.Tensor | None = None,
     extra_a: torch.Tensor | None = None,
     extra_valid: torch.Tensor | None = None,
+    extra_weight: float = 1.0,
 ) -> torch.Tensor:
     """Symmetric InfoNCE between local rows ``a`` and ``b`` (normalised, [n, d]) gathered over ranks.
 
@@ -262,7 +269,7 @@ def clip_loss(
         extra = (
             extra_a if local_loss else gather(extra_a, with_grad=gather_with_grad, local_loss=False)
         )
-        extra_logit = scale * (rows_a * extra).sum(-1, keepdim=True)
+        extra_logit = scale * (rows_a * extra).sum(-1, keepdim=True) + math.log(extra_weight)
         if extra_valid is not None:
             valid = (
                 extra_valid
@@ -307,6 +314,7 @@ def total_loss(
         target=target,
         extra_a=neg,
         extra_valid=aux.get("negated_valid") if neg is not None else None,
+        extra_weight=cfg.negation.weight,
         **kw,
     )
     logs["loss_clip"] = float(loss.detach())

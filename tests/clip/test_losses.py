@@ -129,6 +129,12 @@ def test_negation_column_is_a_hard_negative_and_masked_when_identical():
         F.cross_entropy(logits, torch.arange(N)) + F.cross_entropy(scale * b @ a.T, torch.arange(N))
     )
     assert torch.allclose(with_near, ref, atol=1e-5)
+    # Weight beta = the negated report counted beta times (here: two identical extra columns).
+    twice = torch.cat([logits, logits[:, -1:]], dim=1)
+    ref2 = 0.5 * (
+        F.cross_entropy(twice, torch.arange(N)) + F.cross_entropy(scale * b @ a.T, torch.arange(N))
+    )
+    assert torch.allclose(clip_loss(a, b, scale, extra_a=near, extra_weight=2.0), ref2, atol=1e-5)
     # The gradient pushes the image away from its negated report.
     a2 = a.clone().requires_grad_(True)
     clip_loss(a2, b, scale, extra_a=near).backward()
@@ -151,7 +157,7 @@ def test_graph_alignment_term_is_added_with_its_weight():
 
 CASES = {
     "plain": dict(),
-    "negation": dict(negation=NegationConfig(enabled=True)),
+    "negation": dict(negation=NegationConfig(enabled=True, weight=3.0)),
     "soft_labels": dict(soft_labels=SoftLabelConfig(enabled=True, alpha_end=0.5)),
     "soft_labels_graph_embedding": dict(
         soft_labels=SoftLabelConfig(enabled=True, alpha_end=0.5, graph_similarity="embedding")
