@@ -293,7 +293,8 @@ class SmallDisk:
 
     Where mounting is not permitted, the same tests run with ``RLIMIT_FSIZE`` instead: ``full(n)``
     then limits every file this process (and its children) writes to ``n`` bytes, and writes beyond
-    fail with EFBIG instead of ENOSPC. ``mode`` says which one is in use.
+    fail with EFBIG instead of ENOSPC. ``mode`` says which one is in use; ``LLMCLIP_FAULT_DISK=rlimit``
+    forces the fallback.
     """
 
     @classmethod
@@ -307,9 +308,10 @@ class SmallDisk:
         self.path = root / "disk"
         self.path.mkdir(parents=True)
         self.ballast = self.path / ".ballast"
-        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(self.path)],
-                           capture_output=True, text=True)
-        self.mode = "tmpfs" if r.returncode == 0 else "rlimit"
+        forced = os.environ.get("LLMCLIP_FAULT_DISK") == "rlimit"  # exercise the fallback on purpose
+        r = None if forced else subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(self.path)], capture_output=True, text=True)
+        self.mode = "tmpfs" if r is not None and r.returncode == 0 else "rlimit"
         self._limit: tuple[int, int] | None = None
         self._sigxfsz = None
 
