@@ -169,9 +169,8 @@ class Stage2Trainer:
         self.device = self.engine.device
         per_rank = cfg.data.epoch_samples or sum(s.count for s in shards) // self.env.world_size
         self.nonfinite_total = 0
-        self.preempt = (
-            PreemptionHandler()
-        )  # SIGUSR1: checkpoint at the step boundary, exit, requeue
+        # SIGUSR1 (slurm/launch.sh): checkpoint at the step boundary, exit, get requeued.
+        self.preempt = PreemptionHandler()
         self.stream = ShardStream(cfg, max(per_rank, cfg.deepspeed.micro_batch_size))
         self.step = 0
         if self.env.is_main:
