@@ -146,21 +146,30 @@ def metrics(run_dir: Path) -> dict[int, dict[str, Any]]:
     return {r["step"]: r for r in recs}
 
 
+# Linux keeps a process's memory high-water mark across exec, and subprocess starts children with
+# vfork: a child's ``ru_maxrss`` therefore starts at the *parent's* peak (pytest's, which grows to
+# gigabytes over a session). A tiny meter interpreter in between starts the command from a small
+# address space and reports the command's own peak.
+_METER = (
+    "import json, resource, subprocess, sys\n"
+    "rc = subprocess.call(sys.argv[2:])\n"
+    "peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss\n"
+    "open(sys.argv[1], 'w').write(json.dumps({'rc': rc, 'maxrss_kb': peak}))\n"
+    "sys.exit(rc)\n"
+)
+
+
 def peak_rss_mb_of(cmd: list[str], log: Path, env: dict[str, str] | None = None,
                    timeout: float = 300) -> tuple[int, float]:
-    """(exit code, peak resident memory in MiB) of a child process (``wait4`` rusage)."""
-    proc = Proc(cmd, log, env)
-    deadline = time.monotonic() + timeout
-    while True:
-        pid, status, usage = os.wait4(proc.p.pid, os.WNOHANG)
-        if pid:
-            proc.p.returncode = os.waitstatus_to_exitcode(status)
-            proc.fh.close()
-            return proc.p.returncode, usage.ru_maxrss / 1024
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError(f"still running after {timeout}s:\n{proc.tail()}")
-        time.sleep(0.05)
+    """(exit code, peak resident memory in MiB) of a command, measured by a small meter process."""
+    report = log.with_name(log.name + ".rss.json")
+    report.unlink(missing_ok=True)
+    proc = Proc([PYTHON, "-c", _METER, str(report), *cmd], log, env)
+    rc = proc.wait(timeout)
+    if not report.exists():
+        raise AssertionError(f"the memory meter wrote no report (exit {rc}):\n{proc.tail()}")
+    res = json.loads(report.read_text())
+    return int(res["rc"]), res["maxrss_kb"] / 1024
 
 
 # ---------------------------------------------------------------------------------- shards
