@@ -88,6 +88,14 @@ def _set_hp(param: nn.Parameter, value: torch.Tensor, key: str | None = None) ->
         safe_set_full_optimizer_state(param, value, key)
 
 
+def set_trainable(engine: Any, param: nn.Parameter, value: torch.Tensor) -> None:
+    """Give a trainable parameter a new whole value, in the model and in DeepSpeed's fp32 master
+    copy (every rank calls; e.g. a calibration before step 1)."""
+    _set_full(param, value)
+    if _wrapped(engine, param):
+        _set_hp(param, value.float().to(param.device))
+
+
 def _inner_optimizer(engine: Any) -> torch.optim.Optimizer:
     """The torch optimizer under DeepSpeed's ZeRO / bf16 wrapper (or the client optimizer itself)."""
     opt = engine.optimizer

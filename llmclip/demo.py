@@ -73,7 +73,7 @@ def plan_steps(out: Path, quick: bool, ranks: int) -> list[Step]:
     s2_over = [f"run.out_dir={stage2}", f"data.shards={shards}:train", f"data.cache={cache}",
                f"data.image_size={image_size}"]
     if quick:
-        s1_over += ["optim.max_steps=12", "optim.warmup_steps=2", "stage1.mntp_steps=4"]
+        s1_over += ["optim.max_steps=20", "optim.warmup_steps=2", "stage1.mntp_steps=2"]
         s2_over += ["optim.max_steps=60", "optim.warmup_steps=5"]
     return [
         Step("shards", _exists(shards / "manifest.json"),
@@ -94,6 +94,48 @@ def plan_steps(out: Path, quick: bool, ranks: int) -> list[Step]:
                "--encoder", str(stage1 / "final"), "--out", str(out / "eval"),
                "--text-metrics", str(out / "eval_text.json")]]),
     ]
+
+
+ABLATIONS = ("baseline", "neg", "soft", "graph", "full")
+"""Stage-2 recipes of ``configs/stage2/ablations/``: the baseline, one addition each, all three."""
+ABLATION_KEYS = ("zero_shot_macro_auroc", "i2t_r1", "t2i_r1", "negation_accuracy", "omission_accuracy")
+
+
+def ablation_steps(out: Path, quick: bool, ranks: int, names: list[str]) -> list[Step]:
+    """Train and evaluate every ablation recipe on the demo's shards and cache (after the demo).
+
+    ``full`` is the demo's own stage-2 recipe, so its run is reused rather than trained twice.
+    """
+    llmclip = _bin("llmclip")
+    shards, cache, stage1 = out / "shards", out / "cache", out / "stage1"
+    steps = []
+    for name in names:
+        run = out / "stage2" if name == "full" else out / "ablations" / name
+        over = [f"run.out_dir={run}", f"data.shards={shards}:train", f"data.cache={cache}",
+                f"data.image_size={'64' if quick else '128'}"]
+        if quick:
+            over += ["optim.max_steps=60", "optim.warmup_steps=5"]
+        if name != "full":
+            steps.append(Step(f"abl. {name}", _exists(run / "final" / "clip.json"),
+                              [_deepspeed(str(REPO / f"configs/stage2/ablations/{name}.yaml"), over, ranks)]))
+        res = out / "ablations" / name / "eval"
+        steps.append(Step(f"eval {name}", _exists(res / "metrics.json"),
+                          [[llmclip, "eval", "--model", str(run), "--shards", f"{shards}:test", "--cache", str(cache),
+                            "--encoder", str(stage1 / "final"), "--out", str(res)]]))
+    return steps
+
+
+def ablation_table(out: Path) -> str:
+    """Markdown table of the ablation runs' held-out metrics (what the README shows)."""
+    head = "| recipe | " + " | ".join(ABLATION_KEYS) + " |"
+    lines = [head, "|---|" + "---:|" * len(ABLATION_KEYS)]
+    for name in ABLATIONS:
+        path = out / "ablations" / name / "eval" / "metrics.json"
+        if path.exists():
+            m = json.loads(path.read_text())
+            vals = [f"{m[k]:.3f}" if isinstance(m.get(k), float) else "-" for k in ABLATION_KEYS]
+            lines.append(f"| {name} | " + " | ".join(vals) + " |")
+    return "\n".join(lines)
 
 
 def _fmt(seconds: float) -> str:
@@ -159,15 +201,32 @@ def summary(out: Path) -> str:
     return "\n".join(lines)
 
 
+def _ablation_names(spec: str | None) -> list[str]:
+    if not spec:
+        return []
+    names = list(ABLATIONS) if spec == "all" else [n.strip() for n in spec.split(",") if n.strip()]
+    bad = [n for n in names if n not in ABLATIONS]
+    if bad:
+        raise ConfigError(f"unknown ablation(s) {bad}; choose from {', '.join(ABLATIONS)} or all", "--ablations")
+    return names
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     out = Path(args.out or ("runs/demo-quick" if args.quick else "runs/demo")).resolve()
     steps = plan_steps(out, quick=args.quick, ranks=args.ranks)
+    names = _ablation_names(args.ablations)
+    if names:
+        steps += ablation_steps(out, quick=args.quick, ranks=args.ranks, names=names)
     t0 = time.time()
     run_steps(steps, out / "logs")
     report = out / "eval" / "report.html"
     if report.exists() and not (out / "report.html").exists():
         shutil.copyfile(report, out / "report.html")
     print(summary(out))
+    if names:
+        table = ablation_table(out)
+        (out / "ablations.md").write_text(table + "\n", encoding="utf-8")
+        print("\nStage-2 ablations (held-out patients):\n" + table)
     print(f"demo finished in {_fmt(time.time() - t0)}; results in {out}")
     return 0
 
@@ -177,4 +236,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="fewer reports, smaller images, fewer steps (~5 min)")
     p.add_argument("--out", default=None, help="output folder (default runs/demo or runs/demo-quick)")
     p.add_argument("--ranks", type=int, default=2, help="ranks for the deepspeed launcher (CPU: 2)")
+    p.add_argument("--ablations", default=None, metavar="NAMES",
+                   help="after the demo, also train and evaluate stage-2 ablation recipes: 'all' or a comma "
+                        f"list of {', '.join(ABLATIONS)}")
     p.set_defaults(func=_cmd_demo)

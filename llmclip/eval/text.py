@@ -52,6 +52,8 @@ class TextSuite:
     impressions: list[str] = field(default_factory=list)
     abbreviated: list[tuple[int, str]] = field(default_factory=list)
     """(report index, abbreviated rewrite)."""
+    edit_kinds: list[list[str]] = field(default_factory=list)
+    """Kinds of the three edits of each error item (for the per-kind breakdown)."""
 
 
 def _norm(text: str) -> str:
@@ -95,15 +97,16 @@ def build_suite(metas: list[dict[str, Any]], seed: int) -> TextSuite:
         rewrites = [
             v for v in equivalent_rewrites(text, rng) if _norm(v.text).lower() != text.lower()
         ]
-        edits, kinds = [], set()
+        edits, kinds = [], []
         for v in sorted(one_error_edits(text, rng), key=lambda v: rng.random()):
             t = _norm(v.text)
             if t.lower() != text.lower() and t not in edits and v.kind not in kinds:
                 edits.append(t)
-                kinds.add(v.kind)
+                kinds.append(v.kind)
         if rewrites and len(edits) >= 3:
             rw = rng.choice(rewrites)
             s.error_items.append((i, _norm(rw.text), edits[:3], rw.kind))
+            s.edit_kinds.append(kinds[:3])
         abbrev = [v for v in rewrites if v.kind == "abbreviate"]
         if abbrev:
             s.abbreviated.append((i, _norm(abbrev[0].text)))
@@ -142,6 +145,10 @@ def score(suite: TextSuite, encode: Encode, instructions: dict[str, str]) -> dic
         sims = np.einsum("nd,nkd->nk", anchors, cands)
         out["error_discrimination"] = float((sims[:, 0] > sims[:, 1:].max(1)).mean())
         out["error_pairwise"] = float((sims[:, :1] > sims[:, 1:]).mean())
+        right = (sims[:, :1] > sims[:, 1:]).ravel()
+        kinds = np.asarray([k for ks in suite.edit_kinds for k in ks])
+        for kind in sorted(set(kinds.tolist())):
+            out[f"pairwise_{kind}"] = float(right[kinds == kind].mean())
     if suite.findings:
         q = _unit(encode(suite.findings, summary_q))
         g = _unit(encode(suite.impressions, None))

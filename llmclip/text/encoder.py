@@ -83,6 +83,11 @@ class ModelConfig:
     """Trainable latents of the latent-attention pooler."""
     pooler_heads: int = 8
     """Heads of the latent-attention pooler (must divide the hidden size)."""
+    standardize: bool = False
+    """Centre and scale each pooled dimension with statistics of training reports (measured before
+    step 1, then trained): removes the near-constant outlier dimensions that dominate LLM cosines."""
+    calibration_reports: int = 256
+    """Training reports per rank measured for ``standardize``."""
     lora: LoraSection = field(default_factory=LoraSection)
     """LoRA adapter settings."""
 
@@ -90,6 +95,8 @@ class ModelConfig:
         if not self.source:
             raise ConfigError("must not be empty", "source")
         check_source(self.source)
+        if self.standardize and self.calibration_reports < 1:
+            raise ConfigError("must be >= 1 with standardize", "calibration_reports")
         if self.keep_layers < 0:
             raise ConfigError("must be >= 0", "keep_layers")
         for name in ("pooler_latents", "pooler_heads"):
@@ -344,7 +351,7 @@ class LLMEncoder(nn.Module):
         for p in lm.parameters():
             if p.requires_grad and p.dtype != dtype:
                 p.data = p.data.to(dtype)
-        pooler = build_pooler(cfg.pooling, int(config.hidden_size), cfg.pooler_latents, cfg.pooler_heads)
+        pooler = build_pooler(cfg.pooling, int(config.hidden_size), **pooler_args(cfg))
         pooler.to(dtype=dtype)
         meta = {"base_model": cfg.source, "resolved_source": src, "keep_layers": cfg.keep_layers,
                 "layers": int(config.num_hidden_layers), "base_layers": full}
@@ -423,6 +430,9 @@ def _split_points(lengths: list[int], k: int) -> list[int]:
 
 def pooler_args(cfg: ModelConfig) -> dict[str, Any]:
     """Pooler constructor arguments recorded in ``encoder.json`` (so ``from_dir`` rebuilds it)."""
+    args: dict[str, Any] = {}
     if cfg.pooling == "latent_attention":
-        return {"num_latents": cfg.pooler_latents, "num_heads": cfg.pooler_heads}
-    return {}
+        args.update(num_latents=cfg.pooler_latents, num_heads=cfg.pooler_heads)
+    if cfg.standardize:
+        args["standardize"] = True
+    return args

@@ -62,8 +62,53 @@ class LatentAttentionPooler(nn.Module):
         return masked_mean(x, mask)
 
 
-def build_pooler(kind: str, dim: int, num_latents: int = 512, num_heads: int = 8) -> nn.Module:
-    """A pooler by name; ``latent_attention`` has trainable weights, the others none."""
+class Standardize(nn.Module):
+    """Per-dimension centring and scaling of the pooled vector, calibrated on training reports.
+
+    Mean-pooled LLM states are dominated by a few "massive activation" dimensions that are nearly
+    constant across texts (in SmolLM2, four dimensions carry about half of the norm), so cosine
+    similarity barely sees content. Subtracting the corpus mean and dividing by the per-dimension
+    standard deviation (a diagonal version of BERT-whitening) fixes that before training starts;
+    both vectors stay trainable.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.center = nn.Parameter(torch.zeros(dim))
+        self.inv_scale = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.center.to(x.dtype)) * self.inv_scale.to(x.dtype)
+
+    @staticmethod
+    def statistics(count: torch.Tensor, total: torch.Tensor, total_sq: torch.Tensor,
+                   eps: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
+        """(center, inv_scale) from the count, sum and sum of squares of pooled vectors."""
+        mean = total / count
+        var = (total_sq / count - mean**2).clamp_min(0.0)
+        return mean, 1.0 / (var.sqrt() + eps)
+
+
+class Pooler(nn.Module):
+    """Token states -> one vector: ``pool`` by name, then optionally ``Standardize``."""
+
+    def __init__(self, kind: str, dim: int, num_latents: int = 512, num_heads: int = 8,
+                 standardize: bool = False):
+        super().__init__()
+        self.pool = build_pool(kind, dim, num_latents, num_heads)
+        self.standardize = Standardize(dim) if standardize else None
+
+    def raw(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The pooled vector before standardisation (what calibration measures)."""
+        return self.pool(states, mask)
+
+    def forward(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = self.pool(states, mask)
+        return self.standardize(x) if self.standardize is not None else x
+
+
+def build_pool(kind: str, dim: int, num_latents: int = 512, num_heads: int = 8) -> nn.Module:
+    """A pooling by name; ``latent_attention`` has trainable weights, the others none."""
     if kind == "mean":
         return MeanPooler()
     if kind == "last_token":
@@ -71,3 +116,8 @@ def build_pooler(kind: str, dim: int, num_latents: int = 512, num_heads: int = 8
     if kind == "latent_attention":
         return LatentAttentionPooler(dim, num_latents=num_latents, num_heads=num_heads)
     raise ValueError(f"unknown pooling {kind!r}; choose one of {', '.join(POOLINGS)}")
+
+
+def build_pooler(kind: str, dim: int, num_latents: int = 512, num_heads: int = 8,
+                 standardize: bool = False) -> Pooler:
+    return Pooler(kind, dim, num_latents=num_latents, num_heads=num_heads, standardize=standardize)

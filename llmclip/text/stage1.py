@@ -237,6 +237,41 @@ def _to(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+def calibrate_standardize(engine: Any, cfg: Stage1Config, device: torch.device) -> None:
+    """Set the pooler's ``Standardize`` from pooled-vector statistics of training reports.
+
+    Every rank measures ``model.calibration_reports`` reports of its own (a separately seeded pass,
+    so the training data position is untouched); sums are all-reduced. Runs before step 1, where
+    LoRA's B matrices are zero, so the statistics are those of the model training starts from.
+    """
+    import torch.distributed as dist
+
+    from llmclip.checkpoint import set_trainable
+    from llmclip.text.pooling import Standardize
+    from llmclip.text.stream import ReportStream
+
+    enc = engine.module.encoder
+    std = enc.pooler.standardize
+    texts = [report_text(m) for m in ReportStream(cfg.data.shards, seed=cfg.run.seed + 7919).take(
+        cfg.model.calibration_reports)]
+    sums = torch.zeros(2, enc.dim, dtype=torch.float64, device=device)
+    with torch.no_grad():
+        for i in range(0, len(texts), 16):  # the same number of forwards on every rank (ZeRO-3)
+            b = _to(enc.tokenize(texts[i : i + 16]), device)
+            x = enc.pooler.raw(enc.hidden_states(b["input_ids"], b["attention_mask"]), b["pool_mask"]).double()
+            sums[0] += x.sum(0)
+            sums[1] += (x * x).sum(0)
+    count = torch.tensor([float(len(texts))], dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(sums)
+        dist.all_reduce(count)
+    center, inv_scale = Standardize.statistics(count, sums[0], sums[1])
+    set_trainable(engine, std.center, center.float().cpu())
+    set_trainable(engine, std.inv_scale, inv_scale.float().cpu())
+    log.info("standardize: calibrated on %d reports; largest |center| %.2f", int(count.item()),
+             center.abs().max().item())
+
+
 def _cpu_threads() -> None:
     """Split the CPU cores between the ranks of this node instead of oversubscribing them."""
     local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 0)
@@ -318,6 +353,8 @@ def run(cfg: Stage1Config) -> int:
     stream = ReportStream(cfg.data.shards, seed=cfg.run.seed, num_workers=cfg.data.num_workers)
     start = 0
     ckpt = latest_checkpoint(out) if cfg.run.resume else None
+    if ckpt is None and cfg.model.standardize:
+        calibrate_standardize(engine, cfg, device)
     if ckpt is not None:
         info = load_checkpoint(ckpt, engine)
         start = int(info["step"])

@@ -148,3 +148,35 @@ def test_length_buckets_match_one_padded_batch(encoders):
     assert sum(t.numel() for t in b["input_ids"]) < 0.6 * one["input_ids"].numel()  # less padding
     with torch.no_grad():
         torch.testing.assert_close(enc.embed_buckets(b), enc(**one), atol=1e-5, rtol=1e-5)
+
+
+def test_standardize_centres_scales_and_survives_the_encoder_dir(tmp_path):
+    from llmclip.text.encoder import pooler_args
+    from llmclip.text.export import save_encoder_dir
+    from llmclip.text.pooling import Standardize
+
+    cfg = ModelConfig(source="tiny:llama", attention="sdpa", max_length=64, standardize=True)
+    torch.manual_seed(0)
+    enc = LLMEncoder.build(cfg, torch.float32, lora=False).eval()
+    texts = [REPORT, "No effusion.", "Mild cardiomegaly.", "Left lower lobe opacity. Small effusion.",
+             "Lungs are clear. Heart size normal.", "Right pneumothorax."]
+    b = enc.tokenize(texts)
+    with torch.no_grad():
+        raw = enc.pooler.raw(enc.hidden_states(b["input_ids"], b["attention_mask"]), b["pool_mask"]).double()
+        # Before calibration Standardize is the identity.
+        torch.testing.assert_close(enc(**b).double(), raw, atol=1e-5, rtol=1e-5)
+        center, inv = Standardize.statistics(torch.tensor([len(texts)], dtype=torch.float64), raw.sum(0),
+                                             (raw * raw).sum(0), eps=0.0)
+        enc.pooler.standardize.center.copy_(center.float())
+        enc.pooler.standardize.inv_scale.copy_(inv.float())
+        out = enc(**b).double()
+    torch.testing.assert_close(out.mean(0), torch.zeros_like(out[0]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(out.std(0, unbiased=False), torch.ones_like(out[0]), atol=1e-3, rtol=0)
+    # The calibrated statistics travel with the exported encoder.
+    d = save_encoder_dir(tmp_path / "enc", enc.decoder, enc.tokenizer, enc.pooler, pooling="mean", max_length=64,
+                         dtype="float32", pooler_args=pooler_args(cfg), extra={"base_model": "tiny:llama"})
+    again = LLMEncoder.from_dir(d)
+    torch.testing.assert_close(again.encode(texts), enc.encode(texts), atol=1e-4, rtol=1e-4)
+    plain = LLMEncoder.build(ModelConfig(source="tiny:llama", attention="sdpa", max_length=64), torch.float32,
+                             lora=False)
+    assert not any("standardize" in k for k in plain.pooler.state_dict())
