@@ -156,7 +156,11 @@ def _optimizer_tensors(engine: Any, params: list[tuple[str, nn.Parameter]]) -> d
         if _wrapped(engine, p):
             entry["fp32"] = safe_get_full_fp32_param(p).detach().cpu().float().clone()
             for k in keys:
-                entry[k] = safe_get_full_optimizer_state(p, k).detach().cpu().clone()
+                # None: no state for this parameter yet (it has had no gradient, e.g. the pooler during
+                # MNTP steps under ZeRO-1/2): its Adam moments are zero.
+                v = safe_get_full_optimizer_state(p, k)
+                v = torch.zeros(tuple(getattr(p, "ds_shape", p.shape))) if v is None else v
+                entry[k] = v.detach().cpu().float().clone()
         else:
             entry["fp32"] = p.data.detach().cpu().float().clone()
             for k in keys:
