@@ -120,4 +120,5 @@ def build_pool(kind: str, dim: int, num_latents: int = 512, num_heads: int = 8) 
 
 def build_pooler(kind: str, dim: int, num_latents: int = 512, num_heads: int = 8,
                  standardize: bool = False) -> Pooler:
+    """The encoder's pooler: a pooling by name, then ``Standardize`` when asked for."""
     return Pooler(kind, dim, num_latents=num_latents, num_heads=num_heads, standardize=standardize)
