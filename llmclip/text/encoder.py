@@ -95,8 +95,8 @@ class ModelConfig:
         if not self.source:
             raise ConfigError("must not be empty", "source")
         check_source(self.source)
-        if self.standardize and self.calibration_reports < 1:
-            raise ConfigError("must be >= 1 with standardize", "calibration_reports")
+        if self.calibration_reports < 1:
+            raise ConfigError("must be >= 1", "calibration_reports")
         if self.keep_layers < 0:
             raise ConfigError("must be >= 0", "keep_layers")
         for name in ("pooler_latents", "pooler_heads"):

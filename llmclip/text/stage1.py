@@ -254,15 +254,26 @@ def calibrate_standardize(engine: Any, cfg: Stage1Config, device: torch.device) 
     std = enc.pooler.standardize
     texts = [report_text(m) for m in ReportStream(cfg.data.shards, seed=cfg.run.seed + 7919).take(
         cfg.model.calibration_reports)]
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if distributed:  # the same number of reports (so of forwards: ZeRO-3 gathers) on every rank
+        n = torch.tensor([len(texts)], dtype=torch.int64, device=device)
+        dist.all_reduce(n, op=dist.ReduceOp.MIN)
+        texts = texts[: int(n.item())]
+    if not texts:
+        raise ConfigError(f"no reports in {cfg.data.shards} to calibrate on (on some rank)", "model.standardize")
     sums = torch.zeros(2, enc.dim, dtype=torch.float64, device=device)
-    with torch.no_grad():
-        for i in range(0, len(texts), 16):  # the same number of forwards on every rank (ZeRO-3)
+    # The pooler's own weights gathered whole for the pass: ``raw`` bypasses the module hooks through
+    # which ZeRO-3 fetches them (and nn.MultiheadAttention reads its out_proj without calling it).
+    import deepspeed
+
+    with torch.no_grad(), deepspeed.zero.GatheredParameters(list(enc.pooler.parameters()), modifier_rank=None):
+        for i in range(0, len(texts), 16):
             b = _to(enc.tokenize(texts[i : i + 16]), device)
             x = enc.pooler.raw(enc.hidden_states(b["input_ids"], b["attention_mask"]), b["pool_mask"]).double()
             sums[0] += x.sum(0)
             sums[1] += (x * x).sum(0)
     count = torch.tensor([float(len(texts))], dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if distributed:
         dist.all_reduce(sums)
         dist.all_reduce(count)
     center, inv_scale = Standardize.statistics(count, sums[0], sums[1])
