@@ -64,10 +64,18 @@ def _free_port() -> int:
 
 
 def _deepspeed(config: str, overrides: list[str], ranks: int) -> list[str]:
-    cmd = [_bin("deepspeed"), "--master_port", str(_free_port()), "--num_gpus", str(ranks), str(REPO / "llmclip" / "train.py"), "--config", config]
+    cmd = [_bin("deepspeed"), "--master_port", str(_free_port()), "--num_gpus", str(ranks),
+           str(REPO / "llmclip" / "train.py"), "--config", config]
     for o in overrides:
         cmd += ["--set", o]
     return cmd
+
+
+def _stage2_overrides(out: Path, run: Path, quick: bool) -> list[str]:
+    """Stage 2 of the demo (or an ablation) on the demo's shards and cache; smaller when quick."""
+    over = [f"run.out_dir={run}", f"data.shards={out / 'shards'}:train", f"data.cache={out / 'cache'}",
+            f"data.image_size={'64' if quick else '128'}"]
+    return over + (["optim.max_steps=60", "optim.warmup_steps=5"] if quick else [])
 
 
 def plan_steps(out: Path, quick: bool, ranks: int) -> list[Step]:
@@ -78,11 +86,9 @@ def plan_steps(out: Path, quick: bool, ranks: int) -> list[Step]:
     maxcount = ["--maxcount", "900"] if quick else []
     image_size = "64" if quick else "128"
     s1_over = [f"run.out_dir={stage1}", f"data.shards={shards}:train"]
-    s2_over = [f"run.out_dir={stage2}", f"data.shards={shards}:train", f"data.cache={cache}",
-               f"data.image_size={image_size}"]
+    s2_over = _stage2_overrides(out, stage2, quick)
     if quick:
         s1_over += ["optim.max_steps=20", "optim.warmup_steps=2", "stage1.mntp_steps=2"]
-        s2_over += ["optim.max_steps=60", "optim.warmup_steps=5"]
     return [
         Step("shards", _exists(shards / "manifest.json"),
              [[llmclip, "shards", "build", "--source", "openi", "--out", str(shards), "--images", "render",
@@ -119,10 +125,7 @@ def ablation_steps(out: Path, quick: bool, ranks: int, names: list[str]) -> list
     steps = []
     for name in names:
         run = out / "stage2" if name == "full" else out / "ablations" / name
-        over = [f"run.out_dir={run}", f"data.shards={shards}:train", f"data.cache={cache}",
-                f"data.image_size={'64' if quick else '128'}"]
-        if quick:
-            over += ["optim.max_steps=60", "optim.warmup_steps=5"]
+        over = _stage2_overrides(out, run, quick)
         if name != "full":
             steps.append(Step(f"abl. {name}", _exists(run / "final" / "clip.json"),
                               [_deepspeed(str(REPO / f"configs/stage2/ablations/{name}.yaml"), over, ranks)]))
@@ -241,7 +244,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run the whole pipeline on the embedded default (CPU, no data needed)")
-    p.add_argument("--quick", action="store_true", help="fewer reports, smaller images, fewer steps (~5 min)")
+    p.add_argument("--quick", action="store_true", help="fewer reports, smaller images, fewer steps (~9 min on 2 cores)")
     p.add_argument("--out", default=None, help="output folder (default runs/demo or runs/demo-quick)")
     p.add_argument("--ranks", type=int, default=2, help="ranks for the deepspeed launcher (CPU: 2)")
     p.add_argument("--ablations", default=None, metavar="NAMES",
