@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmclip.config import ConfigError
+from llmclip.distributed import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -56,15 +56,8 @@ def _bin(name: str) -> str:
     return str(found)
 
 
-def _free_port() -> int:
-    """A free local TCP port for the launcher's rendezvous (its default 29500 may be taken)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _deepspeed(config: str, overrides: list[str], ranks: int) -> list[str]:
-    cmd = [_bin("deepspeed"), "--master_port", str(_free_port()), "--num_gpus", str(ranks),
+    cmd = [_bin("deepspeed"), "--master_port", str(free_port()), "--num_gpus", str(ranks),
            str(REPO / "llmclip" / "train.py"), "--config", config]
     for o in overrides:
         cmd += ["--set", o]

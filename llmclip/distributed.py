@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -102,3 +103,10 @@ def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()
+
+
+def free_port() -> int:
+    """A free local TCP port for a rendezvous (a launcher's fixed default, e.g. 29500, may be taken)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

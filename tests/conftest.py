@@ -49,15 +49,14 @@ STAGE2_TINY_SAVE = 100
 
 
 def _stage2_cmd(config: str, overrides: list[str]) -> list[str]:
-    import socket
     import sys
     from pathlib import Path
 
+    from llmclip.distributed import free_port
+
     repo = Path(__file__).resolve().parent.parent
-    with socket.socket() as s:  # a free rendezvous port: a killed run's 29500 may still be held
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--master_port", str(port), "--num_gpus", "2", str(repo / "llmclip" / "train.py"),
+    # A free rendezvous port: a killed run's 29500 may still be held.
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--master_port", str(free_port()), "--num_gpus", "2", str(repo / "llmclip" / "train.py"),
            "--config", str(repo / config)]
     for o in overrides:
         cmd += ["--set", o]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,7 @@ from llmclip.clip.losses import (
     total_loss,
 )
 from llmclip.config import ConfigError, validate
+from llmclip.distributed import free_port
 
 N, D, RAW, V = 8, 16, 24, 32
 
@@ -256,18 +256,12 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_gloo_ranks_equal_one_rank_on_concatenated_batch(tmp_path: Path):
     import torch.multiprocessing as mp
     from safetensors.torch import load_file
 
     mp.start_processes(
-        _worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, start_method="spawn"
+        _worker, args=(2, free_port(), str(tmp_path)), nprocs=2, start_method="spawn"
     )
     got = {k.replace("|", "/"): v for k, v in load_file(tmp_path / "r.st").items()}
     p = _problem()

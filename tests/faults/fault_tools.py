@@ -15,7 +15,6 @@ import os
 import random
 import resource
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from llmclip.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
@@ -38,12 +39,6 @@ def fault_seeds(default: int = 2) -> list[int]:
     if "," in raw:
         return [int(s) for s in raw.split(",") if s.strip()]
     return list(range(int(raw)))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rank_env(rank: int = 0, world: int = 1, port: int | None = None, **extra: str) -> dict[str, str]:

@@ -4,12 +4,12 @@ the 1-rank loss on the concatenated batch (value and gradients)."""
 from __future__ import annotations
 
 import os
-import socket
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from llmclip.distributed import free_port
 from llmclip.text.objectives import IGNORE, contrastive_loss, mntp_loss, mntp_mask
 
 B, H, D, WORLD = 3, 2, 8, 2
@@ -48,16 +48,10 @@ def _worker(rank: int, port: int, out: dict) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_rank_gathered_loss_equals_one_rank_loss():
     ref_loss, ref_q, ref_pos, ref_neg = _loss_and_grads(*_inputs())
     out = mp.Manager().dict()
-    mp.spawn(_worker, args=(_free_port(), out), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), out), nprocs=WORLD, join=True)
     # The global loss is the mean of the rank losses (equal local batch sizes).
     torch.testing.assert_close((out[0][0] + out[1][0]) / WORLD, ref_loss)
     # Each rank's gradient, averaged over ranks the way DeepSpeed averages, is the 1-rank gradient

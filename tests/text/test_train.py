@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import pytest
 import yaml
 
 from llmclip.config import EXIT_CONFIG
+from llmclip.distributed import free_port
 from llmclip.train import main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -24,15 +24,9 @@ TINY = REPO / "configs" / "stage1" / "tiny.yaml"
 STEPS, SAVE_EVERY, KILL_AFTER = 8, 4, 6
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(out: Path, shards: Path, log: Path) -> subprocess.Popen:
     deepspeed = Path(sys.executable).parent / "deepspeed"
-    cmd = [str(deepspeed), "--master_port", str(_free_port()), "--num_gpus", "2", str(REPO / "llmclip" / "train.py"),
+    cmd = [str(deepspeed), "--master_port", str(free_port()), "--num_gpus", "2", str(REPO / "llmclip" / "train.py"),
            "--config", str(TINY), "--set", f"run.out_dir={out}", "--set", f"data.shards={shards}:train",
            "--set", f"optim.max_steps={STEPS}", "--set", f"run.save_every={SAVE_EVERY}",
            "--set", "stage1.mntp_steps=3"]
