@@ -209,7 +209,9 @@ class TextAdapter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.standardize:
-            x = (x - self.mean) / self.std
+            # DeepSpeed's bf16/fp16 engines cast parameters only and keep buffers fp32, so the
+            # statistics would promote a bf16 input back to fp32: keep the input's dtype.
+            x = ((x - self.mean) / self.std).to(x.dtype)
         return self.net(x)
 
 

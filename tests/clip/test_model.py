@@ -137,3 +137,23 @@ def test_text_standardisation_removes_the_shared_direction():
     sd = model.state_dict()
     assert torch.equal(sd["text_adapter.mean"], x.mean(0))
     assert "text_adapter.mean" not in dict(model.named_parameters())
+
+
+def test_forward_with_bf16_parameters_and_fp32_buffers():
+    """DeepSpeed's bf16 engine casts parameters only (buffers stay fp32): every stream still runs."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        vision=TINY_VIT,
+        text=TextAdapterConfig(kind="mlp", blocks=1),
+        graph=GraphConfig(enabled=True, dim=16, vocab_size=64, max_nodes=6),
+        embed_dim=24,
+    )
+    model = CLIPModel(cfg, text_dim=40, image_size=32)
+    model.text_adapter.set_statistics(torch.randn(40), torch.rand(40) + 0.5)
+    for p in model.parameters():
+        p.data = p.data.to(torch.bfloat16)
+    assert any(b.dtype == torch.float32 for b in model.buffers())
+    pixels = model.preprocess(torch.randint(0, 256, (2, 1, 32, 32), dtype=torch.uint8))
+    out = model(pixels, torch.randn(2, 40), graph=_graph(2), negated_emb=torch.randn(2, 40))
+    for name in ("image", "text", "negated", "graph"):
+        assert out[name].dtype == torch.bfloat16 and torch.isfinite(out[name].float()).all()
