@@ -166,10 +166,14 @@ def plan_stage1(p: PlanInput) -> dict[str, float]:
     per_layer_full = values * dtype_b
     acts = layers * s * b * h * dtype_b + per_layer_full if p.grad_ckpt else layers * per_layer_full
     if p.lora_r:
-        # Measured on CPU (tests/core/test_plan.py): each adapted projection keeps its LoRA branch
-        # output for backward in every layer, with or without checkpointing.
+        # Each adapted projection's LoRA branch output, measured two ways. On CUDA (8B QLoRA with
+        # checkpointing on an H200, benchmarks/results/gpu-check-2026-11-29-nvidia-h200-stage1.json:
+        # 11.6 GiB, this plan 12.5) only the recomputed layer holds them. On CPU the peak RSS
+        # (tests/core/test_plan.py) grows by them in every layer, checkpointed or not (most likely
+        # the C heap keeping what each recomputation frees).
         out_dims = 2 * h + 2 * kv + 2 * shape.intermediate + h
-        acts += layers * s * b * out_dims * dtype_b
+        every_layer = not p.grad_ckpt or p.gpu_type == "cpu"
+        acts += (layers if every_layer else 1) * s * b * out_dims * dtype_b
     # The LM-head loss keeps logits, a shifted copy, fp32 log-probs and their gradient: 4 copies.
     logits = s * b * shape.vocab * max(dtype_b, 4) * 4 if p.mntp else 0.0
     terms = {
