@@ -290,8 +290,8 @@ class Stage2Trainer:
             )
             for k, v in logs.items():
                 window[k] = window.get(k, 0.0) + v
+            bar.set_postfix(loss=f"{logs['loss']:.3f}", T=f"{1 / logs['scale']:.3f}", refresh=False)
             bar.update(1)
-            bar.set_postfix(loss=f"{logs['loss']:.3f}", T=f"{1 / logs['scale']:.3f}")
             if self.step % cfg.run.log_every == 0 or self.step == cfg.optim.max_steps:
                 n = (
                     cfg.run.log_every

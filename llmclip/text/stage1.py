@@ -416,8 +416,8 @@ def run(cfg: Stage1Config) -> int:
         step += 1
         mean_loss = all_gather_no_grad(torch.stack(losses).mean().reshape(1)).mean().item()
         if bar is not None:
+            bar.set_postfix(kind=kind, loss=f"{mean_loss:.4f}", refresh=False)
             bar.update(1)
-            bar.set_postfix(kind=kind, loss=f"{mean_loss:.4f}")
         if env.is_main and (step % cfg.run.log_every == 0 or step == cfg.optim.max_steps or step == 1):
             rec = {"step": step, "objective": kind, "loss": mean_loss,
                    "lr": engine.get_lr()[0], "step_time_s": time.perf_counter() - t0,
