@@ -112,3 +112,31 @@ def test_every_command_group_imports():
 
     for module in COMMANDS.values():
         assert callable(importlib.import_module(module).register), module
+
+
+def test_stage2_ablation_recipes_differ_from_the_demo_only_in_their_losses():
+    """The ablation table compares losses (and the graph stream that one of them needs): every other
+    field must equal configs/stage2/demo.yaml."""
+    from pathlib import Path
+
+    from llmclip.config import read_yaml
+
+    repo = Path(__file__).resolve().parents[2]
+    demo = read_yaml(repo / "configs/stage2/demo.yaml")
+    names = sorted(p.stem for p in (repo / "configs/stage2/ablations").glob("*.yaml"))
+    assert {"baseline", "full"} <= set(names)
+    for name in names:
+        recipe = read_yaml(repo / f"configs/stage2/ablations/{name}.yaml")
+        for section in set(demo) | set(recipe):
+            if section in ("loss", "run"):
+                continue
+            if section == "model":
+                strip = lambda m: {k: v for k, v in m.items() if k != "graph"}  # noqa: E731
+                assert strip(recipe["model"]) == strip(demo["model"]), name
+                continue
+            assert recipe.get(section) == demo.get(section), (name, section)
+        assert {k: v for k, v in recipe["run"].items() if k != "out_dir"} == {
+            k: v for k, v in demo["run"].items() if k != "out_dir"
+        }, name
+    full = read_yaml(repo / "configs/stage2/ablations/full.yaml")
+    assert full["loss"] == demo["loss"]
