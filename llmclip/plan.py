@@ -168,7 +168,7 @@ def plan_stage1(p: PlanInput) -> dict[str, float]:
     if p.lora_r:
         # Each adapted projection's LoRA branch output, measured two ways. On CUDA (8B QLoRA with
         # checkpointing on an H200, benchmarks/results/gpu-check-2026-11-29-nvidia-h200-stage1.json:
-        # 11.6 GiB, this plan 12.5) only the recomputed layer holds them. On CPU the peak RSS
+        # 11.6 GiB, this plan 13.5) only the recomputed layer holds them. On CPU the peak RSS
         # (tests/core/test_plan.py) grows by them in every layer, checkpointed or not (most likely
         # the C heap keeping what each recomputation frees).
         out_dims = 2 * h + 2 * kv + 2 * shape.intermediate + h
