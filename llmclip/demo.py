@@ -64,10 +64,15 @@ def _deepspeed(config: str, overrides: list[str], ranks: int) -> list[str]:
     return cmd
 
 
+def _image_size(quick: bool) -> str:
+    """Rendered image side in pixels: shards are rendered at the size stage 2 trains on."""
+    return "64" if quick else "128"
+
+
 def _stage2_overrides(out: Path, run: Path, quick: bool) -> list[str]:
     """Stage 2 of the demo (or an ablation) on the demo's shards and cache; smaller when quick."""
     over = [f"run.out_dir={run}", f"data.shards={out / 'shards'}:train", f"data.cache={out / 'cache'}",
-            f"data.image_size={'64' if quick else '128'}"]
+            f"data.image_size={_image_size(quick)}"]
     return over + (["optim.max_steps=60", "optim.warmup_steps=5"] if quick else [])
 
 
@@ -77,7 +82,6 @@ def plan_steps(out: Path, quick: bool, ranks: int) -> list[Step]:
     shards = out / "shards"
     stage1, cache, stage2 = out / "stage1", out / "cache", out / "stage2"
     maxcount = ["--maxcount", "900"] if quick else []
-    image_size = "64" if quick else "128"
     s1_over = [f"run.out_dir={stage1}", f"data.shards={shards}:train"]
     s2_over = _stage2_overrides(out, stage2, quick)
     if quick:
@@ -89,7 +93,7 @@ def plan_steps(out: Path, quick: bool, ranks: int) -> list[Step]:
     return [
         Step("shards", _exists(shards / "manifest.json"),
              [[llmclip, "shards", "build", "--source", "openi", "--out", str(shards), "--images", "render",
-               "--image-size", image_size, *maxcount]]),
+               "--image-size", _image_size(quick), *maxcount]]),
         Step("stage 1", _exists(stage1 / "final" / "encoder.json"),
              [_deepspeed(str(REPO / "configs/stage1/demo.yaml"), s1_over, ranks)]),
         Step("cache", _exists(cache / "meta.json"),
