@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 POOLINGS = ("mean", "latent_attention", "last_token")
 
@@ -38,26 +39,34 @@ class LatentAttentionPooler(nn.Module):
     The attention output and MLP are added to the token states (residual), and both output layers
     start at zero, so at initialisation the pooler equals mean pooling: contrastive training starts
     from the base model's embedding instead of from a random projection.
+
+    Every weight is used through a call of its own ``nn.Linear``: ZeRO-3 fetches parameters in
+    module hooks and replays the order it traced, and ``nn.MultiheadAttention`` reads its
+    ``out_proj`` weights without calling it, which broke that trace after the first checkpoint.
     """
 
     def __init__(self, dim: int, num_latents: int = 512, num_heads: int = 8, mlp_ratio: float = 1.0):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"hidden size {dim} is not divisible by pooler heads {num_heads}")
+        self.heads = num_heads
         self.latents = nn.Parameter(torch.randn(num_latents, dim) * dim**-0.5)
-        self.attn = nn.MultiheadAttention(dim, num_heads, batch_first=True)
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
         hidden = max(1, int(dim * mlp_ratio))
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
-        for out in (self.attn.out_proj, self.mlp[2]):
+        for out in (self.o, self.mlp[2]):
             nn.init.zeros_(out.weight)
             nn.init.zeros_(out.bias)
 
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (self.heads, -1)).transpose(-3, -2)  # [.., t, d] -> [.., h, t, d/h]
+
     def forward(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        dtype = self.latents.dtype
-        x = states.to(dtype)
-        lat = self.latents.unsqueeze(0).expand(x.shape[0], -1, -1)
-        attended, _ = self.attn(x, lat, lat, need_weights=False)
-        x = x + attended
+        x = states.to(self.latents.dtype)
+        lat = self.latents
+        q, k, v = self._split(self.q(x)), self._split(self.k(lat)), self._split(self.v(lat))
+        attended = F.scaled_dot_product_attention(q, k.unsqueeze(0), v.unsqueeze(0))
+        x = x + self.o(attended.transpose(1, 2).flatten(-2))
         x = x + self.mlp(x)
         return masked_mean(x, mask)
 

@@ -262,8 +262,8 @@ def calibrate_standardize(engine: Any, cfg: Stage1Config, device: torch.device) 
     if not texts:
         raise ConfigError(f"no reports in {cfg.data.shards} to calibrate on (on some rank)", "model.standardize")
     sums = torch.zeros(2, enc.dim, dtype=torch.float64, device=device)
-    # The pooler's own weights gathered whole for the pass: ``raw`` bypasses the module hooks through
-    # which ZeRO-3 fetches them (and nn.MultiheadAttention reads its out_proj without calling it).
+    # The pooler's own weights gathered whole for the pass: ``raw`` bypasses the pooler's module
+    # hook, through which ZeRO-3 would fetch them.
     import deepspeed
 
     with torch.no_grad(), deepspeed.zero.GatheredParameters(list(enc.pooler.parameters()), modifier_rank=None):

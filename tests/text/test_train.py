@@ -24,12 +24,12 @@ TINY = REPO / "configs" / "stage1" / "tiny.yaml"
 STEPS, SAVE_EVERY, KILL_AFTER = 8, 4, 6
 
 
-def _launch(out: Path, shards: Path, log: Path) -> subprocess.Popen:
+def _launch(out: Path, shards: Path, log: Path, *extra: str) -> subprocess.Popen:
     deepspeed = Path(sys.executable).parent / "deepspeed"
     cmd = [str(deepspeed), "--master_port", str(free_port()), "--num_gpus", "2", str(REPO / "llmclip" / "train.py"),
            "--config", str(TINY), "--set", f"run.out_dir={out}", "--set", f"data.shards={shards}:train",
            "--set", f"optim.max_steps={STEPS}", "--set", f"run.save_every={SAVE_EVERY}",
-           "--set", "stage1.mntp_steps=3"]
+           "--set", "stage1.mntp_steps=3", *extra]
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
                             start_new_session=True)
@@ -120,6 +120,19 @@ def test_4bit_lora_zero3_trains_and_exports(killed_and_resumed):
     assert enc.fingerprint and enc.pooling == "latent_attention"
     emb = enc.encode(["No acute disease.", "Small right pleural effusion."])
     assert emb.shape == (2, 64) and bool(emb.isfinite().all())
+
+
+def test_calibrated_latent_pooler_trains_past_checkpoints_with_resident_weights(openi_shards, tmp_path):
+    """The demo's DeepSpeed JSON keeps frozen weights resident; with a calibrated latent-attention
+    pooler, ZeRO-3's replayed parameter-fetch order broke on the step after a checkpoint when the
+    pooler read weights outside module calls (nn.MultiheadAttention's out_proj)."""
+    out, log = tmp_path / "run", tmp_path / "log.txt"
+    sets = {"deepspeed.config": "ds_configs/cpu_zero3_demo.json", "deepspeed.precision": "fp32",
+            "model.standardize": "true", "model.calibration_reports": "16", "stage1.hard_negatives": "3",
+            "run.save_every": "3", "stage1.mntp_steps": "1"}
+    _finish(_launch(out, openi_shards, log, *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")]), log)
+    assert [r["step"] for r in _metrics(out)] == list(range(1, STEPS + 1))
+    assert (out / "final" / "encoder.json").is_file()
 
 
 def test_recipes_validate():
