@@ -86,7 +86,7 @@ def plan_steps(out: Path, quick: bool, ranks: int) -> list[Step]:
     s2_over = _stage2_overrides(out, stage2, quick)
     if quick:
         # 64 calibration reports instead of 128: the statistics only centre and scale the pool.
-        s1_over += ["optim.max_steps=20", "optim.warmup_steps=2", "stage1.mntp_steps=2",
+        s1_over += ["optim.max_steps=40", "optim.warmup_steps=2", "stage1.mntp_steps=2",
                     "model.calibration_reports=64"]
     # Quick mode compares with the baselines that cost nothing to load (MiniLM is a model load).
     text_baselines = ["--baselines", "tfidf,base-llm"] if quick else []

@@ -60,6 +60,10 @@ class ObjectiveConfig:
     """One-error edits per query used as extra negatives (gathered across ranks like positives)."""
     summary_fraction: float = 0.5
     """Share of pairs that are findings -> impression (the rest are report -> rewrite)."""
+    task_batches: bool = False
+    """One pair type per micro-step (drawn per step, the same on every rank, with probability
+    ``summary_fraction`` for findings -> impression): a findings query then meets the other
+    impressions of the global batch as negatives instead of mostly whole reports, which are easy."""
     instructions: dict[str, str] = field(default_factory=lambda: dict(INSTRUCTIONS))
     """Task instruction per pair type, prepended to queries and excluded from pooling."""
 
@@ -203,9 +207,18 @@ def step_seed(seed: int, step: int, rank: int, micro: int) -> int:
     return (seed * 1_000_003 + step * 1_009 + micro * 101 + rank) % (2**63 - 1)
 
 
+def summary_share(obj: ObjectiveConfig, task_seed: int) -> float:
+    """The findings -> impression share of one micro-step: the recipe's mix, or with ``task_batches``
+    0 or 1 for the whole step (1 with probability ``summary_fraction``)."""
+    if not obj.task_batches:
+        return obj.summary_fraction
+    return float(random.Random(task_seed).random() < obj.summary_fraction)
+
+
 def make_batch(kind: str, metas: list[dict[str, Any]], enc: LLMEncoder, obj: ObjectiveConfig,
-               seed: int, blank_id: int) -> dict[str, Any]:
-    """Tensors for one micro-step, built deterministically from ``seed``."""
+               seed: int, blank_id: int, task_seed: int = 0) -> dict[str, Any]:
+    """Tensors for one micro-step, built deterministically from ``seed`` (this rank's) and
+    ``task_seed`` (the same on every rank: it picks the step's pair type with ``task_batches``)."""
     from llmclip.text.objectives import mntp_mask
 
     if kind == "mntp":
@@ -214,7 +227,7 @@ def make_batch(kind: str, metas: list[dict[str, Any]], enc: LLMEncoder, obj: Obj
         ids, labels = mntp_mask(t["input_ids"], t["attention_mask"], blank_id, obj.mntp_mask_prob, gen)
         return {"kind": "mntp", "input_ids": ids, "attention_mask": t["attention_mask"], "labels": labels}
     rng = random.Random(seed)
-    pairs = build_pairs(metas, rng, obj.hard_negatives, obj.summary_fraction)
+    pairs = build_pairs(metas, rng, obj.hard_negatives, summary_share(obj, task_seed))
     return {
         "kind": "contrastive",
         "queries": enc.tokenize_buckets([p.query for p in pairs], [obj.instructions[p.kind] for p in pairs],
@@ -393,7 +406,8 @@ def run(cfg: Stage1Config) -> int:
         for micro in range(accum):
             seed = step_seed(cfg.run.seed, step, env.rank, micro)
             metas = stream.take(cfg.deepspeed.micro_batch_size)
-            batch = _to(make_batch(kind, metas, encoder, cfg.stage1, seed, blank_id), device)
+            task_seed = step_seed(cfg.run.seed, step, 0, micro)
+            batch = _to(make_batch(kind, metas, encoder, cfg.stage1, seed, blank_id, task_seed), device)
             torch.manual_seed(seed)  # dropout: same draws whether or not the run was resumed
             outp = engine(**batch)
             loss = inject_nonfinite(outp["loss"], step + 1, env.rank)  # tests/faults only
