@@ -252,7 +252,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run the whole pipeline on the embedded default (CPU, no data needed)")
-    p.add_argument("--quick", action="store_true", help="fewer reports, smaller images, fewer steps, no MiniLM baseline (~5.5 min on 2 cores)")
+    p.add_argument("--quick", action="store_true", help="fewer reports, smaller images, fewer steps, no MiniLM baseline (~5 min on 2 cores)")
     p.add_argument("--out", default=None, help="output folder (default runs/demo or runs/demo-quick)")
     p.add_argument("--ranks", type=int, default=2, help="ranks for the deepspeed launcher (CPU: 2)")
     p.add_argument("--ablations", default=None, metavar="NAMES",
