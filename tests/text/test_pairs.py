@@ -1,5 +1,5 @@
-"""Stage-1 pairs from real Open-I reports: one pair per sample, and one pair type per micro-step
-when ``task_batches`` is on."""
+"""Stage-1 pairs from real Open-I reports: with ``task_batches`` every micro-step holds one pair
+type, the same on every rank; without it, the pair types mix within a step."""
 
 from __future__ import annotations
 
