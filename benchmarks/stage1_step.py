@@ -172,7 +172,7 @@ def step_batches(metas: list[dict], enc, obj, batch: int, steps: int) -> tuple[l
         if len(p) != batch:
             raise RuntimeError(f"expected {batch} pairs, got {len(p)}")
         pairs.append(p)
-        batches.append(make_batch("contrastive", group, enc, obj, seed, blank))
+        batches.append(make_batch("contrastive", group, enc, obj, seed, blank, task_seed=seed))
     return pairs, batches
 
 

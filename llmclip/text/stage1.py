@@ -216,7 +216,7 @@ def summary_share(obj: ObjectiveConfig, task_seed: int) -> float:
 
 
 def make_batch(kind: str, metas: list[dict[str, Any]], enc: LLMEncoder, obj: ObjectiveConfig,
-               seed: int, blank_id: int, task_seed: int = 0) -> dict[str, Any]:
+               seed: int, blank_id: int, task_seed: int) -> dict[str, Any]:
     """Tensors for one micro-step, built deterministically from ``seed`` (this rank's) and
     ``task_seed`` (the same on every rank: it picks the step's pair type with ``task_batches``)."""
     from llmclip.text.objectives import mntp_mask
