@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from llmclip.config import ConfigError, writing
+from llmclip.data.text import TEXT_SPEC
 
 FORMAT = "llmclip-cache/1"
 META = "meta.json"
@@ -103,6 +104,8 @@ class CacheIdentity:
     """Embedding width."""
     dtype: str
     """Storage dtype: fp16 or fp32."""
+    text: str = TEXT_SPEC
+    """Which text of a report the columns derive from (``llmclip.data.text.TEXT_SPEC``)."""
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -120,6 +123,8 @@ class CacheIdentity:
                 variants=tuple(str(v) for v in d["variants"]),
                 dim=int(d["dim"]),
                 dtype=str(d["dtype"]),
+                # A cache written before the text was recorded read the whole report ("full").
+                text=str(d.get("text", "full")),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ConfigError(f"{where}: malformed cache identity ({e!r})") from None
@@ -270,6 +275,12 @@ class EmbeddingCache:
         self.variants: list[str] = list(self.identity.variants)
         self.dim: int = self.identity.dim
         self.fingerprint: str = self.identity.fingerprint
+        if self.identity.text != TEXT_SPEC:
+            # Its rows would pair an image with another text than its labels and graph.
+            raise CacheMismatch(
+                f"{self.dir / META} was built from the report text {self.identity.text!r}, "
+                f"llmclip reads {TEXT_SPEC!r}; rebuild it with `llmclip cache build --overwrite`"
+            )
         self._open: OrderedDict[str, tuple[np.ndarray, list[str], dict[str, int]]] = OrderedDict()
         self._max_open = max_open
 

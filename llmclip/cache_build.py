@@ -37,6 +37,7 @@ from llmclip.cache import (
     write_sidecar,
 )
 from llmclip.config import ConfigError
+from llmclip.data.text import clinical_text
 
 MAX_MEMBER_BYTES = 16 << 20  # a report json larger than this is not a report
 # Texts per encode() call: enough for the encoder to form several full token-budget batches from a
@@ -57,17 +58,18 @@ def _section(report: dict[str, Any], name: str) -> str:
 def _negated(report: dict[str, Any]) -> str:
     from llmclip.clinical import negate  # the clinical toolkit owns negation
 
-    return negate(_section(report, "full"))
+    return negate(clinical_text(report))
 
 
-# Column name -> text of a sample's ``report`` dict. Section variants fall back to the full report
-# when the section is absent (impression-only or findings-only reports are common), so every key has
-# a row; the report column is the text as written.
+# Column name -> text of a sample's ``report`` dict. Every column derives from the one clinical text
+# (findings + impression, ``llmclip.data.text``), the text the labels and graphs are made from.
+# Section variants fall back to it when the section is absent (impression-only or findings-only
+# reports are common), so every key has a row.
 VARIANTS = {
-    "report": lambda r: _section(r, "full"),
+    "report": clinical_text,
     "negated": _negated,
-    "impression": lambda r: _section(r, "impression") or _section(r, "full"),
-    "findings": lambda r: _section(r, "findings") or _section(r, "full"),
+    "impression": lambda r: _section(r, "impression") or clinical_text(r),
+    "findings": lambda r: _section(r, "findings") or clinical_text(r),
 }
 
 
@@ -102,8 +104,8 @@ def read_reports(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
         try:
             meta = json.loads(js.decode("utf-8"))
             report = meta["report"]
-            if not isinstance(report, dict) or not _section(report, "full"):
-                raise ValueError("empty report.full")
+            if not isinstance(report, dict) or not clinical_text(report):
+                raise ValueError("no findings or impression")
         except (ValueError, KeyError, TypeError) as e:
             raise ConfigError(f"{path}: sample {key!r} has no readable report ({e})") from None
         yield key, report

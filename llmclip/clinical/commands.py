@@ -42,13 +42,10 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def report_text(meta: dict) -> str:
-    """Findings + impression of a shard sample (the full report when those are missing)."""
-    rep = meta.get("report") if isinstance(meta.get("report"), dict) else {}
-    parts = [rep.get(k) for k in ("findings", "impression")]
-    text = " ".join(p.strip() for p in parts if isinstance(p, str) and p.strip())
-    if not text and isinstance(rep.get("full"), str):
-        text = rep["full"]
-    return text
+    """The one clinical text of a shard sample (``llmclip.data.text``)."""
+    from llmclip.data.text import sample_text
+
+    return sample_text(meta)
 
 
 def _samples(path: Path):

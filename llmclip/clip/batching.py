@@ -8,7 +8,6 @@ and graphs feed the soft labels and the graph stream; graphs are built once per 
 
 from __future__ import annotations
 
-import zlib
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
@@ -17,9 +16,11 @@ import numpy as np
 import torch
 
 from llmclip.cache import EmbeddingCache, shard_name
-from llmclip.clip.model import NODE_TYPES, RELATIONS, STATUSES, GraphConfig
+from llmclip.clinical.graph import GRAPH_VOCAB
+from llmclip.clip.model import NODE_NAME_ROWS, NODE_TYPES, RELATIONS, STATUSES, GraphConfig
 from llmclip.clip.reportgraph import graph_parts
 from llmclip.config import ConfigError
+from llmclip.data.text import sample_text
 
 # CheXpert value -> soft-label weight: positive 1, uncertain 0.5, negative / not mentioned 0.
 LABEL_WEIGHT = {1: 1.0, -1: 0.5, 0: 0.0}
@@ -38,24 +39,37 @@ def label_matrix(metas: Sequence[dict[str, Any]], classes: Sequence[str]) -> tor
 
 
 def report_text(meta: dict[str, Any]) -> str:
-    """The full report of a sample (empty string when absent)."""
-    report = meta.get("report") or {}
-    if isinstance(report, dict):
-        return str(report.get("full") or "")
-    return str(report)
+    """The one clinical text of a sample (``llmclip.data.text``): what the cache encoded, the
+    Labeler labelled and the graph is built from."""
+    return sample_text(meta)
 
 
-def _bucket(text: str, n: int) -> int:
-    # zlib.crc32 is stable across processes and runs (Python's hash() is salted).
-    return zlib.crc32(text.encode("utf-8")) % n
+# Node-name ids are fixed by the graph vocabulary (0 is the report node), so two entities never
+# share an embedding row or a node-set slot, as hash buckets could.
+NODE_NAME_IDS = {w: 1 + i for i, w in enumerate(GRAPH_VOCAB)}
+UNK_NODE_ID = NODE_NAME_IDS["<unk>"]
+assert len(NODE_NAME_IDS) + 1 == NODE_NAME_ROWS  # GRAPH_VOCAB names are unique
+
+
+def node_id(name: str) -> int:
+    """Embedding row of a graph node name (``1 + GRAPH_VOCAB`` index; unknown -> "<unk>")."""
+    return NODE_NAME_IDS.get(name, UNK_NODE_ID)
+
+
+def node_slot(node: int, status: int) -> int:
+    """Column of an (entity, status) pair in the ``node_sets`` multi-hot."""
+    return (node - 1) * len(STATUSES) + status
 
 
 class GraphFeaturizer:
     """Report text -> padded GCN inputs and (entity, status) node sets, memoised per sample key."""
 
-    def __init__(self, cfg: GraphConfig, node_set_size: int = 1024, memo: int = 200_000):
+    def __init__(self, cfg: GraphConfig, memo: int = 200_000):
+        # The ids index the GCN's embedding table, which must have a row for each of them.
+        cfg.validate()
         self.cfg = cfg
-        self.node_set_size = node_set_size
+        # One column per GRAPH_VOCAB word x status: the report node is never an entity.
+        self.node_set_size = len(GRAPH_VOCAB) * len(STATUSES)
         self._memo: OrderedDict[str, tuple[list[tuple[int, int, int]], list[tuple[int, int, int]]]]
         self._memo = OrderedDict()
         self._max = memo
@@ -72,7 +86,7 @@ class GraphFeaturizer:
         for label, status, ntype in nodes[: self.cfg.max_nodes - 1]:
             enc_nodes.append(
                 (
-                    1 + _bucket(label, self.cfg.vocab_size - 1),
+                    node_id(label),
                     STATUSES.index(status) if status in STATUSES else 0,
                     NODE_TYPES.index(ntype) if ntype in NODE_TYPES else len(NODE_TYPES) - 1,
                 )
@@ -112,7 +126,7 @@ class GraphFeaturizer:
         out = torch.zeros(len(keys), self.node_set_size)
         for i, (k, t) in enumerate(zip(keys, texts, strict=True)):
             for lab, st, _ in self._parts(k, t)[0][1:]:
-                out[i, (lab * len(STATUSES) + st) % self.node_set_size] = 1.0
+                out[i, node_slot(lab, st)] = 1.0
         return out
 
 

@@ -96,8 +96,10 @@ class ReportSections:
 
     @property
     def findings_impression(self) -> str:
-        """What the report says about the image (labels and images are derived from this)."""
-        return " ".join(s for s in (self.findings, self.impression) if s)
+        """What the report says about the image: the one clinical text (``llmclip.data.text``)."""
+        from llmclip.data.text import clinical_text
+
+        return clinical_text(self)
 
     def to_dict(self) -> dict[str, str]:
         return {k: getattr(self, k) for k in (*SECTION_NAMES, "full")}

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from llmclip.config import ConfigError, writing
+from llmclip.data.text import sample_text
 
 FORMAT = "llmclip-shards/1"
 SPLITS = ("train", "val", "test")
@@ -297,7 +298,7 @@ def stats(root: str | Path) -> dict[str, Any]:
                 for cls, v in (meta.get("labels") or {}).items():
                     pos[cls] += v == 1
                     unc[cls] += v == -1
-                words.append(len(((meta.get("report") or {}).get("full") or "").split()))
+                words.append(len(sample_text(meta).split()))
         words.sort()
         out["splits"][split] = {
             "samples": n,

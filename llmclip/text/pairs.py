@@ -54,11 +54,10 @@ def text_id(text: str) -> int:
 
 
 def report_text(meta: dict[str, Any]) -> str:
-    """The text stage 1 encodes for a sample: findings then impression, else the full report."""
-    rep = meta.get("report") or {}
-    parts = [normalise(str(rep.get(k) or "")) for k in ("findings", "impression")]
-    text = " ".join(p for p in parts if p)
-    return text or normalise(str(rep.get("full") or ""))
+    """The text stage 1 encodes for a sample: the one clinical text (``llmclip.data.text``)."""
+    from llmclip.data.text import sample_text
+
+    return sample_text(meta)
 
 
 def _sections(meta: dict[str, Any]) -> tuple[str, str]:

@@ -22,6 +22,7 @@ from llmclip.cache import CacheMismatch, EmbeddingCache, shard_keys
 from llmclip.cache_build import BuildOptions, build_cache, read_reports
 from llmclip.cli import main
 from llmclip.config import ConfigError
+from llmclip.data.text import clinical_text
 
 VARIANTS = ["report", "negated", "impression"]
 BIN = Path(sys.executable).parent
@@ -110,9 +111,9 @@ def test_rows_are_the_encoder_embeddings(ref_cache, openi_shards, encoder):
     reports = {k: r for k, r in samples}
     for col, text_of in enumerate(
         [
-            lambda r: r["full"],
-            lambda r: negate(r["full"]),
-            lambda r: r.get("impression") or r["full"],
+            clinical_text,
+            lambda r: negate(clinical_text(r)),
+            lambda r: r.get("impression") or clinical_text(r),
         ]
     ):
         want = encoder.encode([text_of(reports[k]).strip() for k in keys]).numpy()
