@@ -17,7 +17,7 @@ import torch
 
 from llmclip.cache import EmbeddingCache, shard_name
 from llmclip.clinical.graph import GRAPH_VOCAB
-from llmclip.clip.model import NODE_NAME_ROWS, NODE_TYPES, RELATIONS, STATUSES, GraphConfig
+from llmclip.clip.model import NODE_TYPES, RELATIONS, STATUSES, GraphConfig
 from llmclip.clip.reportgraph import graph_parts
 from llmclip.config import ConfigError
 from llmclip.data.text import sample_text
@@ -48,7 +48,6 @@ def report_text(meta: dict[str, Any]) -> str:
 # share an embedding row or a node-set slot, as hash buckets could.
 NODE_NAME_IDS = {w: 1 + i for i, w in enumerate(GRAPH_VOCAB)}
 UNK_NODE_ID = NODE_NAME_IDS["<unk>"]
-assert len(NODE_NAME_IDS) + 1 == NODE_NAME_ROWS  # GRAPH_VOCAB names are unique
 
 
 def node_id(name: str) -> int:
@@ -57,7 +56,8 @@ def node_id(name: str) -> int:
 
 
 def node_slot(node: int, status: int) -> int:
-    """Column of an (entity, status) pair in the ``node_sets`` multi-hot."""
+    """Column of an (entity, status) pair in the ``node_sets`` multi-hot: GRAPH_VOCAB index x
+    ``len(STATUSES)`` + status."""
     return (node - 1) * len(STATUSES) + status
 
 

@@ -16,7 +16,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from llmclip.clinical.graph import GRAPH_VOCAB
 from llmclip.config import ConfigError
+
+# Rows of the node-name embedding: row 0 is the report node, row 1 + i the GRAPH_VOCAB word i.
+NODE_NAME_ROWS = 1 + len(GRAPH_VOCAB)
 
 
 @dataclass
@@ -84,7 +88,9 @@ class GraphConfig:
     layers: int = 2
     """Message-passing layers."""
     vocab_size: int = 4096
-    """Hash buckets for node labels (entity text); collisions are rare at this size."""
+    """Rows of the node-name embedding table: row 0 is the report node, row 1 + i the
+    ``GRAPH_VOCAB`` word i (unknown names use the "<unk>" row), so it must be at least
+    ``len(GRAPH_VOCAB) + 1``; rows past that stay unused."""
     max_nodes: int = 32
     """Nodes kept per report (the report node first, then entities in report order)."""
 
@@ -92,6 +98,12 @@ class GraphConfig:
         for name in ("dim", "layers", "vocab_size", "max_nodes"):
             if getattr(self, name) < 1:
                 raise ConfigError("must be >= 1", name)
+        if self.vocab_size < NODE_NAME_ROWS:
+            raise ConfigError(
+                f"must be >= {NODE_NAME_ROWS} (the report node plus the {len(GRAPH_VOCAB)} "
+                f"GRAPH_VOCAB names), got {self.vocab_size}",
+                "vocab_size",
+            )
         if self.max_nodes < 2:
             raise ConfigError(
                 "must be >= 2 (the report node plus at least one entity)", "max_nodes"
@@ -134,7 +146,7 @@ class GraphEncoder(nn.Module):
     """A relational GCN over a padded batch of report graphs, mean-pooled over real nodes.
 
     h <- h + GELU(LN(W_self h + sum_r A_r h W_r)), with A_r the row-normalised adjacency of relation r
-    (both directions). Node input = embedding(label hash) + embedding(status) + embedding(type).
+    (both directions). Node input = embedding(node name) + embedding(status) + embedding(type).
     """
 
     def __init__(self, cfg: GraphConfig, embed_dim: int):

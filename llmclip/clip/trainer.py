@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from llmclip.cache import EmbeddingCache, shard_name
 from llmclip.checkpoint import PREEMPTED_EXIT_CODE, PreemptionHandler
+from llmclip.clinical.graph import GRAPH_VOCAB_SHA
 from llmclip.clip import state as ckpt
 from llmclip.clip.batching import (
     GraphFeaturizer,
@@ -361,6 +362,8 @@ class Stage2Trainer:
             if self.cfg.data.encoder
             else None,
             "instruction": self.cache.identity.instruction,
+            # The graph encoder's embedding rows are GRAPH_VOCAB indices: tie them to that list.
+            "graph_vocab_sha": GRAPH_VOCAB_SHA if self.cfg.model.graph.enabled else None,
             "steps": self.step,
         }
 

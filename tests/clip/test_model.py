@@ -37,7 +37,7 @@ def test_forward_shapes_normalised_and_graph_stream(kind: str):
     cfg = ModelConfig(
         vision=TINY_VIT,
         text=TextAdapterConfig(kind=kind, blocks=2),
-        graph=GraphConfig(enabled=True, dim=16, vocab_size=64, max_nodes=6),
+        graph=GraphConfig(enabled=True, dim=16, vocab_size=128, max_nodes=6),
         embed_dim=24,
     )
     model = CLIPModel(cfg, text_dim=40, image_size=32)
@@ -145,7 +145,7 @@ def test_forward_with_bf16_parameters_and_fp32_buffers():
     cfg = ModelConfig(
         vision=TINY_VIT,
         text=TextAdapterConfig(kind="mlp", blocks=1),
-        graph=GraphConfig(enabled=True, dim=16, vocab_size=64, max_nodes=6),
+        graph=GraphConfig(enabled=True, dim=16, vocab_size=128, max_nodes=6),
         embed_dim=24,
     )
     model = CLIPModel(cfg, text_dim=40, image_size=32)
