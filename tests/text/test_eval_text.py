@@ -50,6 +50,13 @@ def test_suite_from_real_held_out_reports(openi_shards):
         assert s.reports[i] not in edits
     again = build_suite(metas, seed=0)
     assert again.error_items == s.error_items  # every encoder is asked the same questions
+    assert again.heldout_items == s.heldout_items and s.heldout_abbreviated
+    for i, styled, edits, kind in s.heldout_items:
+        # Held-out items: the styled report and three styled one-error edits of it, all distinct.
+        assert kind == "enumerate" and styled.startswith("1. ") and len(set(edits)) == 3
+        assert styled not in edits and all(e.startswith("1. ") for e in edits)
+    for i, short in s.heldout_abbreviated:
+        assert short != s.reports[i]
 
 
 def test_eval_text_command(openi_shards, tiny_encoder_dir, tmp_path):
@@ -64,8 +71,10 @@ def test_eval_text_command(openi_shards, tiny_encoder_dir, tmp_path):
     assert len(names) == 4 and names[0].startswith("stage-1") and "TF-IDF" in names
     assert any("MiniLM" in n for n in names) and any("untrained base LLM" in n for n in names)
     for row in res["table"]:
-        for k in ("error_discrimination", "error_pairwise", "findings_to_impression_r1"):
-            assert 0.0 <= row[k] <= 1.0
+        for k in ("error_discrimination", "error_pairwise", "findings_to_impression_r1",
+                  "heldout_abbreviation_r1"):
+            ci = row["ci"][k]
+            assert 0.0 <= ci["lo"] <= row[k] == ci["value"] <= ci["hi"] <= 1.0 and ci["n"] > 0
     tfidf = next(r for r in res["table"] if r["encoder"] == "TF-IDF")
     assert tfidf["findings_to_impression_r5"] > 0.2  # words shared by findings and impressions
     assert res["fingerprint"] and res["counts"]["error_items"] > 0
