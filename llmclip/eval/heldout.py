@@ -302,13 +302,13 @@ def _edit(text: str, kind: str, obs: str | None, ms: list, rng: random.Random) -
 
 
 def _confirmed(kind: str, before, text: str, obs: str | None) -> str | None:
-    """The Labeler's word on an edit: exactly the one intended fact changed."""
+    """The observation an edit changed when the Labeler sees exactly that one fact changed."""
     after = summarise(_LABELER.label(text))
     if kind == "omission":
         # The finding is no longer positive (it is not mentioned at all), nothing else changed.
         rest = {k: v for k, v in before.items() if k not in (obs, "No Finding")}
         rest_after = {k: v for k, v in after.items() if k not in (obs, "No Finding")}
-        return text if obs not in after and rest == rest_after else None
+        return obs if obs not in after and rest == rest_after else None
     training_kind = {
         "negation": "negation_flip",
         "laterality": "laterality_swap",
@@ -322,7 +322,7 @@ def _confirmed(kind: str, before, text: str, obs: str | None) -> str | None:
         target = new[0] if len(new) == 1 else None
     elif kind == "device":
         target = "Support Devices"
-    return text if target and confirm_edit(training_kind, before, after, target) else None
+    return target if target and confirm_edit(training_kind, before, after, target) else None
 
 
 def edit(text: str, kind: str, rng: random.Random, dropped: Dropped | None = None,
@@ -342,9 +342,9 @@ def edit(text: str, kind: str, rng: random.Random, dropped: Dropped | None = Non
         new = _edit(text, kind, obs, ms, rng)
         if not new or new == text:
             continue
-        ok = _confirmed(kind, before, new, obs)
-        if ok:
-            return HeldoutVariant(ok, kind, obs if kind != "device" else "Support Devices")
+        changed = _confirmed(kind, before, new, obs)
+        if changed:
+            return HeldoutVariant(new, kind, changed)
         if dropped is not None:
             dropped.add(kind)
     return None
