@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from llmclip.config import ConfigError
@@ -65,12 +66,15 @@ def evaluate(
     batch_size: int = 64,
     num_workers: int = 1,
     min_positives: int = 10,
+    probe_shards: str | None = None,
 ) -> dict[str, Any]:
-    from llmclip.clinical import CHEXPERT_CLASSES, Labeler, negate
+    from llmclip.clinical import CHEXPERT_CLASSES
     from llmclip.clip.batching import report_text
     from llmclip.clip.inference import load
     from llmclip.data.shards import load_manifest, parse_spec
     from llmclip.eval import image_text as it
+    from llmclip.eval.align import cxr_align
+    from llmclip.eval.probe import binary_zero_shot
     from llmclip.eval.prompts import PROMPTS
     from llmclip.eval.report import write_report
 
@@ -93,44 +97,11 @@ def evaluate(
     raw = _report_embeddings(clip, test, texts, cache, clip.meta.get("text_variant", "report"))
     txt = clip.encode_text_embeddings(raw).cpu() if raw is not None else encode(texts)
 
-    # Negated and omitted variants (only where the variant text differs from the report).
-    labeler = Labeler()
-    neg_texts = [negate(t) for t in texts]
-    neg_idx = [
-        i
-        for i, (a, b) in enumerate(zip(texts, neg_texts, strict=True))
-        if it.normalise_report(a) != it.normalise_report(b)
-    ]
+    # CXR-Align, both variant families (``llmclip.eval.align``): the seen family's negation uses the
+    # cached column stage 2 trained against, everything else is encoded online.
     raw_neg = _report_embeddings(clip, test, texts, cache, "negated")
-    if raw_neg is not None:
-        neg_emb = (
-            clip.encode_text_embeddings(raw_neg[neg_idx]).cpu()
-            if neg_idx
-            else torch.zeros(0, txt.shape[1])
-        )
-    else:
-        neg_emb = (
-            encode([neg_texts[i] for i in neg_idx]) if neg_idx else torch.zeros(0, txt.shape[1])
-        )
-    omitted = [it.omit_one_finding(t, labeler.label(t).mentions) for t in texts]
-    om_idx = [i for i, o in enumerate(omitted) if o is not None]
-    om_emb = encode([omitted[i] for i in om_idx]) if om_idx else torch.zeros(0, txt.shape[1])
-    # CXR-Align style: the headline negation score is over images with a positive finding (their
-    # negated report denies what the image shows); over every image it is reported beside it.
-    abnormal = [
-        any(v == 1 for c, v in (m.get("labels") or {}).items() if c != "No Finding")
-        for m in test.metas
-    ]
-    neg_abn = [j for j, i in enumerate(neg_idx) if abnormal[i]]
-    align = {
-        "negated": it.preference(
-            test.image[[neg_idx[j] for j in neg_abn]],
-            txt[[neg_idx[j] for j in neg_abn]],
-            neg_emb[neg_abn],
-        ),
-        "negated_all": it.preference(test.image[neg_idx], txt[neg_idx], neg_emb),
-        "omitted": it.preference(test.image[om_idx], txt[om_idx], om_emb),
-    }
+    seen_emb = {"negated": clip.encode_text_embeddings(raw_neg).cpu() if raw_neg is not None else None}
+    align = cxr_align(test.image, texts, txt, encode, seen_emb)
 
     classes = [c for c in CHEXPERT_CLASSES if c in PROMPTS]
     classifier = it.prompt_classifier(encode, classes)
@@ -138,6 +109,18 @@ def evaluate(
         test.image, test.metas, classifier, eligible_findings(synthetic, classes), min_positives
     )
     ret = it.retrieval(test.image, txt, texts)
+    binary = {
+        cls: binary_zero_shot(
+            test.image,
+            it.label_targets(test.metas, cls),
+            encode(PROMPTS[cls]["positive"]),
+            encode(PROMPTS[cls]["negative"]),
+        )
+        for cls in BINARY_TASKS
+        if cls in PROMPTS
+    }
+    probe = _linear_probe(clip, test, shards, probe_shards, eligible_findings(synthetic, classes),
+                          batch_size, num_workers, min_positives)
 
     metrics: dict[str, Any] = {
         "model": str(model),
@@ -147,11 +130,18 @@ def evaluate(
         "zero_shot_macro_auroc": zs["macro_auroc"],
         "competition_accuracy": zs["competition"]["accuracy"],
         **{k: v for k, v in ret.items() if k.startswith(("i2t_r", "t2i_r"))},
-        "negation_accuracy": align["negated"]["accuracy"],
-        "omission_accuracy": align["omitted"]["accuracy"],
+        # CXR-Align: the seen family's negation (what stage 2 trained on) and the held-out family.
+        "negation_accuracy": align["seen"]["negated"]["accuracy"],
+        **{f"seen_{k}_accuracy": align["seen"][k]["accuracy"] for k in ("laterality", "severity")},
+        **{f"heldout_{k}_accuracy": v["accuracy"] for k, v in align["heldout"].items()},
+        "binary_auroc": {c: v["value"] for c, v in binary.items()},
+        "linear_probe_macro_auroc": probe.get("macro_auroc"),
+        "ci": _intervals(zs, ret, align, binary, probe),
         "zero_shot": zs,
         "retrieval": ret,
         "align": align,
+        "binary": binary,
+        "linear_probe": probe,
         "report_embeddings": "cache" if raw is not None else "online",
         "seconds": round(time.time() - t0, 1),
     }
@@ -164,6 +154,52 @@ def evaluate(
     tmp.write_text(json.dumps(metrics, indent=1) + "\n", encoding="utf-8")
     os.replace(tmp, out / "metrics.json")  # last: its presence means the evaluation is complete
     return metrics
+
+
+# Paper B's binary zero-shot tasks (RSNA pneumonia, SIIM pneumothorax style): "X" vs "no X" prompts.
+BINARY_TASKS = ("Pneumonia", "Pneumothorax")
+
+
+def _linear_probe(
+    clip: Any,
+    test: Any,
+    shards: str,
+    probe_shards: str | None,
+    classes: list[str],
+    batch_size: int,
+    num_workers: int,
+    min_positives: int,
+) -> dict[str, Any]:
+    """Logistic regression per finding on frozen image features: train split -> the test images."""
+    from llmclip.data.shards import parse_spec
+    from llmclip.eval import image_text as it
+    from llmclip.eval.probe import linear_probe
+
+    if probe_shards == "none":
+        return {"skipped": "--probe-shards none"}
+    spec = probe_shards or f"{parse_spec(shards)[0]}:train"
+    train = it.embed_test_set(clip, spec, batch_size=batch_size, num_workers=num_workers)
+    y_train = np.stack([it.label_targets(train.metas, c) for c in classes], axis=1)
+    y_test = np.stack([it.label_targets(test.metas, c) for c in classes], axis=1)
+    out = linear_probe(train.image.numpy(), y_train, test.image.numpy(), y_test, classes,
+                       min_positives=min_positives)
+    return {**out, "train_shards": spec, "n_train": len(train.keys)}
+
+
+def _intervals(zs: dict, ret: dict, align: dict, binary: dict, probe: dict) -> dict[str, Any]:
+    """The 95% interval and n of every headline figure, in one place for the table and the README."""
+    out: dict[str, Any] = {"zero_shot_macro_auroc": zs.get("macro_ci")}
+    out["competition_accuracy"] = zs["competition"].get("ci")
+    out |= {k: v for k, v in ret.get("ci", {}).items()}
+    out["negation_accuracy"] = align["seen"]["negated"]
+    for fam in ("seen", "heldout"):
+        for k, v in align[fam].items():
+            if k != "negated":
+                out[f"{fam}_{k}_accuracy"] = v
+    out |= {f"binary_auroc_{c}": v for c, v in binary.items()}
+    out["linear_probe_macro_auroc"] = probe.get("macro_ci")
+    return {k: {f: v.get(f) for f in ("value", "lo", "hi", "n")} if v else None
+            for k, v in out.items()}
 
 
 def _examples(test: Any, txt: torch.Tensor, texts: list[str]) -> list[dict[str, Any]]:
@@ -195,10 +231,19 @@ def _headline(m: dict[str, Any]) -> str:
         "t2i_r1",
         "t2i_r5",
         "negation_accuracy",
-        "omission_accuracy",
+        "seen_laterality_accuracy",
+        "heldout_negation_accuracy",
+        "heldout_omission_accuracy",
+        "heldout_laterality_accuracy",
+        "heldout_severity_accuracy",
+        "linear_probe_macro_auroc",
     )
+    from llmclip.eval.stats import fmt_ci
+
+    ci = m.get("ci") or {}
     return "\n".join(
-        f"{k:24s} {m[k]:.3f}" if isinstance(m.get(k), float) else f"{k:24s} -" for k in keys
+        f"{k:28s} {fmt_ci(ci[k], pct=False, digits=3)}" if ci.get(k) else f"{k:28s} -"
+        for k in keys
     )
 
 
@@ -218,6 +263,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         num_workers=args.num_workers,
         min_positives=args.min_positives,
+        probe_shards=args.probe_shards,
     )
     print(_headline(m))
     print(f"wrote {Path(out) / 'metrics.json'} and {Path(out) / 'report.html'}")
@@ -255,6 +301,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=10,
         help="positive (and negative) images a finding needs to enter the macro AUROC",
+    )
+    p.add_argument(
+        "--probe-shards",
+        default=None,
+        help="image shards the linear probe trains on (default: the train split beside --shards; "
+        "'none' skips the probe)",
     )
     p.set_defaults(func=_cmd_eval)
     inner = p.add_subparsers(dest="eval_command", metavar="{text}")

@@ -10,12 +10,8 @@
   classified by argmax of the positive-prompt similarity.
 - Retrieval R@1/5/10 image->report and report->image, identical reports merged into one candidate
   (a query is right when any image of its report, or its report group, is in the top K).
-- CXR-Align-style test: each image must score its true report above (a) the negated report (every
-  finding's status flipped by the clinical toolkit's ``negate``) and (b) the report with the
-  sentence of one positive finding omitted. Accuracy per kind over the images where the variant
-  differs from the report; the headline negation accuracy counts images with at least one
-  positive finding (the negated report denies what the image shows), ``negation_accuracy_all``
-  every image.
+- CXR-Align (``align.py``): the true report against one with a fact wrong, seen and held-out
+  families. Every figure has a 95% percentile-bootstrap interval (``stats.py``) and its n.
 """
 
 from __future__ import annotations
@@ -64,29 +60,6 @@ def normalise_report(text: str) -> str:
     return re.sub(r"\s+", " ", text.strip().lower())
 
 
-def omit_one_finding(text: str, mentions: list[Any]) -> str | None:
-    """The report without the sentence of its first positive finding (None if there is none).
-
-    The sentence is removed where it occurs in the text; a report whose only content is that
-    sentence becomes empty and is skipped (nothing would be left to compare).
-    """
-    for m in mentions:
-        if (
-            getattr(m, "status", None) != "positive"
-            or getattr(m, "observation", "") == "No Finding"
-        ):
-            continue
-        sentence = (getattr(m, "sentence", "") or "").strip()
-        if not sentence or sentence not in text:
-            continue
-        out = text.replace(sentence, "", 1)
-        out = re.sub(r"\s+([.,;:])", r"\1", re.sub(r"[ \t]+", " ", out)).strip()
-        out = re.sub(r"^[.\s]+", "", out)
-        if out and normalise_report(out) != normalise_report(text):
-            return out
-    return None
-
-
 # ------------------------------------------------------------------------------------------------
 # Metrics (pure functions of embeddings and labels)
 # ------------------------------------------------------------------------------------------------
@@ -115,16 +88,21 @@ def zero_shot(
     the ROC curves (for the report) and 5x200-style multi-class accuracy."""
     from sklearn.metrics import roc_auc_score, roc_curve
 
+    from llmclip.eval.stats import auroc, auroc_ci, statistic_ci
+
     per_class: dict[str, dict[str, Any]] = {}
+    scores: dict[str, np.ndarray] = {}
     curves: dict[str, tuple[list[float], list[float]]] = {}
     for cls, (pos, neg) in classifier.items():
         y = label_targets(metas, cls)
         keep = y >= 0
         n_pos, n_neg = int((y == 1).sum()), int((y == 0).sum())
         entry: dict[str, Any] = {"positives": n_pos, "negatives": n_neg, "auroc": None}
+        score = (image @ pos - image @ neg).numpy()
+        scores[cls] = score
         if n_pos >= 1 and n_neg >= 1:
-            score = (image @ pos - image @ neg).numpy()
             entry["auroc"] = float(roc_auc_score(y[keep], score[keep]))
+            entry["ci"] = auroc_ci(y[keep], score[keep])
             fpr, tpr, _ = roc_curve(y[keep], score[keep])
             curves[cls] = (fpr.tolist(), tpr.tolist())
         entry["in_macro"] = bool(
@@ -133,9 +111,21 @@ def zero_shot(
         per_class[cls] = entry
     used = [c for c, e in per_class.items() if e["in_macro"] and e["auroc"] is not None]
     macro = float(np.mean([per_class[c]["auroc"] for c in used])) if used else None
+    macro_ci = None
+    if used:
+        # Images are resampled jointly across findings: the macro's interval keeps their correlation.
+        ys = np.stack([label_targets(metas, c) for c in used], axis=1)
+        ss = np.stack([scores[c] for c in used], axis=1)
+
+        def _macro(y: np.ndarray, s: np.ndarray) -> float | None:
+            vals = [auroc(y[y[:, j] >= 0, j], s[y[:, j] >= 0, j]) for j in range(len(used))]
+            return None if any(v is None for v in vals) else float(np.mean(vals))
+
+        macro_ci = statistic_ci(_macro, (ys, ss))
     return {
         "per_class": per_class,
         "macro_auroc": macro,
+        "macro_ci": macro_ci,
         "macro_classes": used,
         "curves": curves,
         "competition": competition_accuracy(image, metas, classifier),
@@ -159,9 +149,12 @@ def competition_accuracy(
     if len(rows) == 0 or sum(1 for v in counts.values() if v) < 2:
         return {"accuracy": None, "n": int(len(rows)), "counts": counts}
     protos = torch.stack([classifier[c][0] for c in classes])
+    from llmclip.eval.stats import mean_ci
+
     pred = (image[rows] @ protos.T).argmax(1).numpy()
     truth = ys[rows].argmax(1)
-    return {"accuracy": float((pred == truth).mean()), "n": int(len(rows)), "counts": counts}
+    ci = mean_ci((pred == truth).astype(np.float64))
+    return {"accuracy": ci["value"], "n": int(len(rows)), "counts": counts, "ci": ci}
 
 
 def retrieval(
@@ -184,9 +177,14 @@ def retrieval(
     # Fraction of the other reports ranked below the true one, averaged over images (chance 0.5):
     # uses every comparison, so it moves before R@1 does on small or hard sets.
     out["i2t_percentile"] = float(1.0 - i2t_rank.mean() / max(1, len(groups) - 1))
+    from llmclip.eval.stats import mean_ci
+
+    out["ci"] = {}
     for k in KS:
         out[f"i2t_r{k}"] = float((i2t_rank < k).mean())
         out[f"t2i_r{k}"] = float((t2i_rank < k).mean())
+        out["ci"][f"i2t_r{k}"] = mean_ci((i2t_rank < k).astype(np.float64))
+        out["ci"][f"t2i_r{k}"] = mean_ci((t2i_rank < k).astype(np.float64))
     out["curves"] = {
         "k": list(ks),
         "i2t": [float((i2t_rank < k).mean()) for k in ks],
@@ -194,21 +192,6 @@ def retrieval(
         "i2t_chance": [min(1.0, k / len(groups)) for k in ks],
     }
     return out
-
-
-def preference(
-    image: torch.Tensor, true_text: torch.Tensor, other_text: torch.Tensor
-) -> dict[str, Any]:
-    """Fraction of images whose true report scores strictly above the other one."""
-    if len(image) == 0:
-        return {"accuracy": None, "n": 0}
-    s_true = (image * true_text).sum(-1)
-    s_other = (image * other_text).sum(-1)
-    return {
-        "accuracy": float((s_true > s_other).float().mean()),
-        "n": int(len(image)),
-        "mean_margin": float((s_true - s_other).mean()),
-    }
 
 
 # ------------------------------------------------------------------------------------------------

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from llmclip.eval.stats import fmt_ci
+
 
 def _png(fig: Any) -> str:
     import matplotlib.pyplot as plt
@@ -97,6 +99,12 @@ def _short(text: str, width: int = 110, lines: int = 3) -> str:
     return "\n      ".join(wrapped[:lines]) + (" ..." if len(wrapped) > lines else "")
 
 
+def _interval(d: dict[str, Any] | None) -> str:
+    if not d or d.get("lo") is None:
+        return "-"
+    return f"[{d['lo']:.3f}, {d['hi']:.3f}]"
+
+
 def _table(rows: list[list[Any]], head: list[str]) -> str:
     def cell(v: Any) -> str:
         if isinstance(v, float):
@@ -141,16 +149,41 @@ def write_report(
         "t2i_r5",
         "t2i_r10",
         "negation_accuracy",
-        "negation_accuracy_all",
-        "omission_accuracy",
+        "seen_laterality_accuracy",
+        "seen_severity_accuracy",
+        "heldout_negation_accuracy",
+        "heldout_omission_accuracy",
+        "heldout_laterality_accuracy",
+        "heldout_severity_accuracy",
+        "linear_probe_macro_auroc",
     ]
-    parts.append(_table([[k, metrics.get(k)] for k in head_keys], ["metric", "value"]))
+    ci = metrics.get("ci") or {}
+    parts.append(
+        _table(
+            [[k, metrics.get(k), _interval(ci.get(k)), (ci.get(k) or {}).get("n")] for k in head_keys],
+            ["metric", "value", "95% interval", "n"],
+        )
+    )
     parts.append("<h2>Zero-shot classification</h2>")
     rows = [
-        [c, e["auroc"], e["positives"], e["negatives"], "yes" if e["in_macro"] else "no"]
+        [c, e["auroc"], _interval(e.get("ci")), e["positives"], e["negatives"],
+         "yes" if e["in_macro"] else "no"]
         for c, e in zs["per_class"].items()
     ]
-    parts.append(_table(rows, ["finding", "AUROC", "positives", "negatives", "in macro"]))
+    parts.append(_table(rows, ["finding", "AUROC", "95% interval", "positives", "negatives", "in macro"]))
+    binary = metrics.get("binary") or {}
+    if binary:
+        parts.append("<h3>Binary zero-shot tasks (\"X\" vs \"no X\" prompts, RSNA / SIIM style)</h3>")
+        parts.append(_table([[c, v.get("value"), _interval(v), v.get("positives"), v.get("negatives")]
+                             for c, v in binary.items()],
+                            ["finding", "AUROC", "95% interval", "positives", "negatives"]))
+    probe = metrics.get("linear_probe") or {}
+    if probe.get("per_class"):
+        parts.append(f"<h3>Linear probe (logistic regression on frozen image features, "
+                     f"{html.escape(str(probe.get('train_shards')))} -> test)</h3>")
+        parts.append(_table([[c, v.get("auroc"), _interval(v), v.get("skipped") or ""]
+                             for c, v in probe["per_class"].items()],
+                            ["finding", "AUROC", "95% interval", "skipped"]))
     if zs["curves"]:
         curves = {c: v for c, v in zs["curves"].items() if zs["per_class"][c]["in_macro"]} or zs[
             "curves"
@@ -164,36 +197,29 @@ def write_report(
     parts.append("<h2>Retrieval</h2>")
     parts.append(f"<p>{ret['n_images']} images, {ret['n_reports']} distinct reports.</p>")
     parts.append(f"<p><img src='{recall_figure(ret['curves'])}'></p>")
-    parts.append("<h2>Negation / omission test (CXR-Align style)</h2>")
+    parts.append("<h2>CXR-Align: true report vs one fact wrong</h2>")
+    parts.append(
+        "<p><i>seen</i>: the training generators' variants; <i>held-out</i>: generators training never "
+        f"uses (dropped as unconfirmed by the Labeler: "
+        f"{html.escape(json.dumps(metrics['align'].get('heldout_dropped', {})))}).</p>"
+    )
     parts.append(
         _table(
-            [[k, v["accuracy"], v["n"], v.get("mean_margin")] for k, v in metrics["align"].items()],
-            ["variant", "true report preferred", "images", "mean margin"],
+            [[fam, k, v["accuracy"], _interval(v), v["n"], v.get("mean_margin")]
+             for fam in ("seen", "heldout") for k, v in metrics["align"][fam].items()],
+            ["family", "variant", "true report preferred", "95% interval", "images", "mean margin"],
         )
     )
     if text_metrics:
+        from llmclip.eval.text import TABLE_COLUMNS
+
         rows = [
-            [
-                r.get("encoder"),
-                r.get("error_discrimination"),
-                r.get("findings_to_impression_r1"),
-                r.get("abbreviation_r1"),
-            ]
+            [r.get("encoder")] + [fmt_ci((r.get("ci") or {}).get(k)) for k, _ in TABLE_COLUMNS]
             for r in text_metrics.get("table", [])
         ]
         if rows:
-            parts.append("<h2>Text encoder (eval text)</h2>")
-            parts.append(
-                _table(
-                    rows,
-                    [
-                        "encoder",
-                        "error discrimination",
-                        "findings->impression R@1",
-                        "abbreviation R@1",
-                    ],
-                )
-            )
+            parts.append("<h2>Text encoder (eval text, %, 95% intervals)</h2>")
+            parts.append(_table(rows, ["encoder"] + [name for _, name in TABLE_COLUMNS]))
     if examples:
         parts.append("<h2>Examples</h2>")
         parts.append(f"<p><img src='{examples_figure(examples)}'></p>")

@@ -103,9 +103,8 @@ def load_reports(spec: str, max_reports: int, seed: int) -> list[dict[str, Any]]
 def build_suite(metas: list[dict[str, Any]], seed: int) -> TextSuite:
     """Rewrites, edits, findings/impressions and abbreviations, deterministic in ``seed``."""
     from llmclip.clinical import equivalent_rewrites, one_error_edits
-    from llmclip.text.pairs import report_text
-
     from llmclip.eval.heldout import Dropped
+    from llmclip.text.pairs import report_text
 
     s = TextSuite()
     dropped = Dropped()

@@ -10,7 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from llmclip.cli import main as cli_main
-from llmclip.eval.image_text import omit_one_finding, preference, retrieval, zero_shot
+from llmclip.eval.align import heldout_pair, preference_ci, seen_variant
+from llmclip.eval.heldout import Dropped
+from llmclip.eval.image_text import retrieval, zero_shot
 
 
 def _unit(*rows: list[float]) -> torch.Tensor:
@@ -62,22 +64,30 @@ def test_preference_counts_strict_wins():
     image = _unit([1, 0], [0, 1], [1, 1])
     true = _unit([1, 0], [0, 1], [1, 0])
     other = _unit([0, 1], [0, 1], [0, 1])  # tie on image 1 counts as a loss
-    r = preference(image, true, other)
+    r = preference_ci(image, true, other)
     assert r["accuracy"] == pytest.approx(1 / 3) and r["n"] == 3
+    assert r["lo"] <= r["accuracy"] <= r["hi"]
 
 
-def test_omit_one_finding_on_real_report_text():
-    from llmclip.clinical import Labeler
+def test_cxr_align_variants_on_real_report_text():
+    import random
 
     text = (
-        "FINDINGS: The heart is normal in size. There is a small left pleural effusion. "
-        "No pneumothorax. IMPRESSION: Small left effusion."
+        "The heart is normal in size. There is a small left pleural effusion. "
+        "No pneumothorax. Small left effusion."
     )
-    out = omit_one_finding(text, Labeler().label(text).mentions)
-    assert out is not None and "There is a small left pleural effusion." not in out
-    assert "No pneumothorax." in out and "The heart is normal in size." in out
+    # Held-out omission: every sentence of the finding goes, in every section; the rest stays.
+    styled, omitted = heldout_pair(text, "omission", random.Random(0), Dropped())
+    assert styled.startswith("1. ") and "effusion" not in omitted.lower()
+    assert "No pneumothorax." in omitted and "The heart is normal in size." in omitted
+    styled, mirrored = heldout_pair(text, "laterality", random.Random(0), Dropped())
+    assert "right pleural effusion" in mirrored and "Small right effusion" in mirrored
+    styled, negated = heldout_pair(text, "negation", random.Random(0), Dropped())
+    assert "No pneumothorax." in negated and negated != styled
+    assert seen_variant(text, "negated") != text
+    assert "right" in seen_variant(text, "laterality")
     normal = "The heart is normal in size. The lungs are clear. No pneumothorax."
-    assert omit_one_finding(normal, Labeler().label(normal).mentions) is None
+    assert heldout_pair(normal, "omission", random.Random(0), Dropped()) is None
 
 
 def test_llmclip_eval_writes_metrics_and_report(
@@ -110,11 +120,19 @@ def test_llmclip_eval_writes_metrics_and_report(
         "t2i_r5",
         "t2i_r10",
         "negation_accuracy",
-        "omission_accuracy",
+        "heldout_negation_accuracy",
+        "heldout_omission_accuracy",
+        "heldout_laterality_accuracy",
+        "linear_probe_macro_auroc",
     ):
-        assert key in m
+        assert key in m and key in m["ci"]
     assert m["report_embeddings"] == "cache" and m["synthetic_images"] is True
-    assert m["align"]["negated"]["n"] > 0 and m["align"]["omitted"]["n"] > 0
+    assert m["align"]["seen"]["negated"]["n"] > 0 and m["align"]["heldout"]["omission"]["n"] > 0
+    for key, ci in m["ci"].items():
+        if ci and ci["value"] is not None:
+            assert ci["lo"] <= ci["value"] <= ci["hi"] and ci["n"] > 0, key
+    assert set(m["binary"]) == {"Pneumonia", "Pneumothorax"}
+    print("TINY-EVAL", {k: (v or {}).get("value") for k, v in m["ci"].items()})
     assert 0 <= m["i2t_r1"] <= m["i2t_r5"] <= m["i2t_r10"] <= 1
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 3 and "synthetic" in html
