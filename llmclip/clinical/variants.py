@@ -1,11 +1,16 @@
 """Report variants for contrastive training: meaning-preserving rewrites, one-error edits, negation.
 
-- ``equivalent_rewrites``: abbreviate, expand, telegraphic style, sentence shuffle, synonym swap,
-  impression-only, findings-only. A rewrite is kept only if the Labeler gives it the same
+- ``equivalent_rewrites``: abbreviate, expand (each short form kept only where the Labeler reads
+  the same facts), telegraphic style, dashed lines, lower or upper case, sentence shuffle, synonym
+  swap, impression-only, findings-only. A rewrite is kept only if the Labeler gives it the same
   14-class vector as the original.
-- ``one_error_edits``: negation flip, laterality swap, severity change, device added / removed,
+- ``one_error_edits``: negation flip (in place, or the finding's sentences as one template
+  sentence with varied cue words), laterality swap, severity change, device added / removed,
   measurement change, finding replaced by a neighbour. An edit is kept only if the Labeler sees
   exactly that one change (``confirm_edit``); unconfirmed edits are discarded.
+
+These are the *training* family. Evaluation uses its own generators (``llmclip.eval.heldout``),
+which share no lexicon entry, template or output with these (``tests/eval/test_heldout.py``).
 - ``negate`` (``negation.py``): every positive finding becomes absent and every negated one
   present, fluently ("small left pleural effusion" -> "no left pleural effusion", "no pneumothorax" ->
   "pneumothorax", "the heart is normal in size" -> "the heart is enlarged"). Uncertain findings
@@ -111,22 +116,43 @@ def _capitalise_sentences(text: str) -> str:
     return re.sub(r"(^|[.!?]\s+)([a-z])", lambda m: m.group(1) + m.group(2).upper(), text)
 
 
+def _lexicon_rewrite(text: str, table: list, rng) -> tuple[str, list[str]]:
+    """Apply a random ~3/4 of the lexicon entries that occur, each kept only where the Labeler
+    sees the same facts (one unknown short form must not cost the whole rewrite)."""
+    ref = summarise(_LABELER.label(text))
+    new, hits = text, []
+    for rx, repl in table:
+        if not rx.search(new) or _randint(rng, 4) == 0:
+            continue
+        cand = rx.sub(repl, new)
+        if summarise(_LABELER.label(cand)) == ref:
+            new = cand
+            hits.append(repl)
+    return new, hits
+
+
+def _styles(text: str, rng) -> list[Variant]:
+    """Layouts real reports come in: one finding per dashed line; all lower case or all capitals."""
+    sents = [text[a:b].strip() for a, b in _sentences(text) if text[a:b].strip()]
+    out = []
+    if len(sents) >= 2:
+        out.append(Variant("\n".join(f"- {s}" for s in sents), "bullets", "one dashed line per sentence"))
+    if _randint(rng, 2):
+        out.append(Variant(text.lower(), "lowercase", "lower case"))
+    else:
+        out.append(Variant(text.upper(), "uppercase", "capitals"))
+    return [v for v in out if v.text != text]
+
+
 def _candidates(text: str, rng) -> list[Variant]:
     out = []
-    new, hits = text, []
-    for rx, long in _ABBREV_TO_LONG:
-        new, n = rx.subn(long, new)
-        if n:
-            hits.append(long)
+    new, hits = _lexicon_rewrite(text, _ABBREV_TO_LONG, rng)
     if hits:
         out.append(Variant(new, "expand", "expanded: " + ", ".join(hits)))
-    new, hits = text, []
-    for rx, short in _LONG_TO_ABBREV:
-        new, n = rx.subn(short, new)
-        if n:
-            hits.append(short)
+    new, hits = _lexicon_rewrite(text, _LONG_TO_ABBREV, rng)
     if hits:
         out.append(Variant(new, "abbreviate", "abbreviated: " + ", ".join(hits)))
+    out += _styles(text, rng)
     new = text
     for rx, rep in _TELEGRAPHIC:
         new = rx.sub(rep, new)
@@ -272,6 +298,32 @@ def _nearest(rx: re.Pattern[str], text: str, m: Mention, before: int, after: int
     return best[1] if best else None
 
 
+# Sentence templates for a flipped finding (the cue words vary, as they do across radiologists).
+_NEGATED_SENTENCE = ("There is no {t}.", "No evidence of {t}.", "{T} is not identified.", "No {t}.")
+_AFFIRMED_SENTENCE = ("There is {t}.", "{T} is noted.", "{T} is identified.")
+
+
+def _template_flip(text: str, result: LabelResult, obs: str, ms: list[Mention], rng) -> str | None:
+    """The sentences of one finding rewritten as one template sentence of the opposite status;
+    None where those sentences state other findings too (a template would change them)."""
+    if any(m.form != "term" for m in ms):
+        return None
+    idx = {m.sentence_index for m in ms}
+    if idx & {m.sentence_index for m in result.mentions if m.observation != obs}:
+        return None
+    term = ms[0].term
+    tpl = _choice(rng, list(_NEGATED_SENTENCE if ms[0].status == "positive" else _AFFIRMED_SENTENCE))
+    new = tpl.format(T=term[:1].upper() + term[1:], t=term)
+    parts = []
+    for i, (a, b) in enumerate(_sentences(text)):
+        sent = text[a:b].strip()
+        if i == min(idx):
+            parts.append(new)
+        elif i not in idx and sent:
+            parts.append(sent)
+    return " ".join(parts)
+
+
 def _edit_candidates(text: str, result: LabelResult, rng) -> list[tuple[Variant, str | None]]:
     out: list[tuple[Variant, str | None]] = []
     by_obs: dict[str, list[Mention]] = {}
@@ -284,13 +336,14 @@ def _edit_candidates(text: str, result: LabelResult, rng) -> list[tuple[Variant,
         if not ms or len(ms) != len(by_obs[obs]):
             continue
         edits = _flip_edits(text, ms)
-        if edits:
+        templated = _template_flip(text, result, obs, ms, rng) if _randint(rng, 2) else None
+        if edits or templated:
             before = result.vector.get(obs)
             after = "negative" if before == 1 else "positive"
             out.append(
                 (
                     Variant(
-                        _apply(text, edits),
+                        templated or _apply(text, edits),
                         "negation_flip",
                         f"{obs}: {'positive' if before == 1 else 'negative'} -> {after}",
                     ),

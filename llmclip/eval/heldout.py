@@ -39,7 +39,7 @@ _LABELER = Labeler()
 # (long, short): clinical short forms absent from the training lexicon (``lexicon.ABBREVIATIONS``).
 EVAL_ABBREVIATIONS: list[tuple[str, str]] = [
     ("within normal limits", "WNL"),
-    ("cardiomediastinal", "CM"),
+    ("cardiomediastinal", "cardiomed."),
     ("silhouette", "silh."),
     ("pulmonary", "pulm."),
     ("vascularity", "vasc."),

@@ -1,7 +1,7 @@
 """Stage-1 training examples from real reports, through the clinical toolkit.
 
 Two pair types, each with its own task instruction (prepended to the query only, excluded from
-pooling):
+pooling; the symmetric report <-> rewrite task has none, as the cached reports have none):
 
 - ``rewrite``: query = the report (findings + impression); positive = a clinically equivalent
   rewrite (abbreviations expanded or contracted, sentences reordered, another style); hard negatives =
@@ -25,7 +25,11 @@ from dataclasses import dataclass
 from typing import Any
 
 INSTRUCTIONS: dict[str, str] = {
-    "rewrite": "Retrieve a chest X-ray report that states the same clinical findings",
+    # Report <-> rewrite is symmetric, and the cache encodes reports with no instruction: so the
+    # query goes without one too, and training shapes the very space stage 2 reads. An instruction
+    # on one side only taught the encoder to match across the prefix (abbreviation retrieval with
+    # it fell far below the untrained base). "" = no instruction.
+    "rewrite": "",
     "summary": "Given the findings of a chest X-ray report, retrieve its impression",
 }
 

@@ -65,7 +65,7 @@ class ObjectiveConfig:
     ``summary_fraction`` for findings -> impression): a findings query then meets the other
     impressions of the global batch as negatives instead of mostly whole reports, which are easy."""
     instructions: dict[str, str] = field(default_factory=lambda: dict(INSTRUCTIONS))
-    """Task instruction per pair type, prepended to queries and excluded from pooling."""
+    """Task instruction per pair type, prepended to queries and excluded from pooling ("" = none)."""
 
     def validate(self) -> None:
         if self.mntp_steps < 0:

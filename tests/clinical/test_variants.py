@@ -30,6 +30,9 @@ SETTINGS = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 REWRITE_KINDS = {
+    "bullets",
+    "lowercase",
+    "uppercase",
     "abbreviate",
     "expand",
     "telegraphic",
