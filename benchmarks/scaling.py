@@ -137,7 +137,7 @@ def prepare_stage2(n: int, work: Path, enc: Path) -> tuple[Path, Path]:
         subprocess.run(
             llmclip_cmd(
                 "cache", "build", "--encoder", str(enc), "--shards", str(shards), "--out",
-                str(cache), "--variants", "report,negated", "--no-progress",
+                str(cache), "--variants", "report,negated,laterality,severity", "--no-progress",
             ),
             check=True, env=job_env(), cwd=C.REPO,
         )  # fmt: skip

@@ -1,10 +1,10 @@
 """Build the embedding cache: distributed over ranks, resumable, atomic, length-sorted batches.
 
 Rank r of W encodes whole shards ``i % W == r`` under any launcher (plain, ``deepspeed``,
-``torchrun``, ``srun``), reading the text-only shards (no pixels). A shard's texts (all variants)
-are sorted by length and encoded in token-budget batches under ``torch.inference_mode``. Each
-sidecar is written under a temp name and renamed when complete, so a killed run leaves nothing that
-is read; the rerun skips complete sidecars and redoes the rest. No collective is needed: whichever
+``torchrun``, ``srun``), reading the text-only shards (no pixels). A shard's distinct texts (all
+variants) are sorted by length and encoded in token-budget batches under ``torch.inference_mode``.
+Each sidecar is written under a temp name and renamed when complete, so a killed run leaves nothing
+that is read; the rerun skips complete sidecars and redoes the rest. No collective is needed: whichever
 rank finds every shard complete writes ``meta.json`` (the same bytes from any rank, atomic rename),
 so a fast rank never waits in a barrier (and its timeout) for a slow one.
 """
@@ -14,10 +14,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import random
 import sys
 import tarfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,13 +62,31 @@ def _negated(report: dict[str, Any]) -> str:
     return negate(clinical_text(report))
 
 
+def _one_error(kind: str) -> Callable[[dict[str, Any]], str]:
+    """Column of the clinical text with one training-family edit of ``kind`` (``one_error_edits``),
+    or the text itself when the report offers none (stage 2 masks that row as identical)."""
+
+    def column(report: dict[str, Any]) -> str:
+        from llmclip.clinical import one_error_edits  # the clinical toolkit owns the edits
+
+        text = clinical_text(report)
+        # A str seed is hashed with SHA-512, not the per-process salted hash(): every rank, rerun
+        # and resume picks the same edit, so 2-rank, 1-rank and resumed caches agree.
+        rng = random.Random(f"{kind}:{text}")
+        return next((v.text for v in one_error_edits(text, rng) if v.kind == kind), text)
+
+    return column
+
+
 # Column name -> text of a sample's ``report`` dict. Every column derives from the one clinical text
 # (findings + impression, ``llmclip.data.text``), the text the labels and graphs are made from.
 # Section variants fall back to it when the section is absent (impression-only or findings-only
-# reports are common), so every key has a row.
+# reports are common), and edit variants when the report has no such fact, so every key has a row.
 VARIANTS = {
     "report": clinical_text,
     "negated": _negated,
+    "laterality": _one_error("laterality_swap"),
+    "severity": _one_error("severity_change"),
     "impression": lambda r: _section(r, "impression") or clinical_text(r),
     "findings": lambda r: _section(r, "findings") or clinical_text(r),
 }
@@ -151,7 +170,8 @@ class BuildOptions:
     out: str
     """Cache folder."""
     variants: list[str] = dataclasses.field(default_factory=lambda: ["report", "negated"])
-    """Text columns per sample (report, negated, impression, findings)."""
+    """Text columns per sample: report, negated, laterality (one finding's side changed),
+    severity (one finding's grade changed), impression, findings."""
     batch_tokens: int = 8192
     """Token budget of one encoder batch (padded tokens)."""
     dtype: str = "fp16"
@@ -252,11 +272,13 @@ def encode_shard(
     dtype: str,
     pbar: Any = None,
 ) -> tuple[list[str], np.ndarray]:
-    """(keys, ``[n, variants, dim]`` array) for one shard: every text of every variant, length-sorted.
+    """(keys, ``[n, variants, dim]`` array) for one shard: every distinct text once, length-sorted.
 
-    The sort is global within the shard (all variants together), longest first so that an
-    out-of-memory batch shows up at once; each ``encode`` call gets a run of similar lengths and
-    packs it into token-budget batches.
+    Texts repeat (an edit column holds the report when it has no such edit, short normal reports
+    recur), so each distinct text is encoded once, in first-seen order before the sort, and its row
+    copied to every cell that holds it. The sort is global within the shard (all variants
+    together), longest first so that an out-of-memory batch shows up at once; each ``encode`` call
+    gets a run of similar lengths and packs it into token-budget batches.
     """
     import torch
 
@@ -265,26 +287,29 @@ def encode_shard(
     for key, report in read_reports(path):
         keys.append(key)
         texts.extend(VARIANTS[v](report) for v in variants)
-    out = np.empty((len(texts), encoder.dim), dtype=DTYPES[dtype])
-    order = sorted(range(len(texts)), key=lambda j: len(texts[j]), reverse=True)
-    for chunk in _chunks(order, texts, CHUNK_TOKENS_FACTOR * batch_tokens):
+    slot: dict[str, int] = {}  # distinct text -> its row of ``out``, numbered in first-seen order
+    cells = np.array([slot.setdefault(t, len(slot)) for t in texts], dtype=np.int64)
+    unique = list(slot)
+    out = np.empty((len(unique), encoder.dim), dtype=DTYPES[dtype])
+    order = sorted(range(len(unique)), key=lambda u: len(unique[u]), reverse=True)
+    for chunk in _chunks(order, unique, CHUNK_TOKENS_FACTOR * batch_tokens):
         with torch.inference_mode():
             emb = encoder.encode(
-                [texts[j] for j in chunk], instruction=instruction, batch_tokens=batch_tokens
+                [unique[u] for u in chunk], instruction=instruction, batch_tokens=batch_tokens
             )
         rows = emb.detach().float().cpu().numpy().astype(out.dtype)
         bad = ~np.isfinite(rows).all(axis=1)
         if bad.any():
-            j = chunk[int(np.argmax(bad))]
+            j = int(np.argmax(cells == chunk[int(np.argmax(bad))]))  # its first cell
             raise ConfigError(
                 f"{path}: sample {keys[j // len(variants)]!r} variant "
                 f"{variants[j % len(variants)]!r} encodes to NaN/Inf in {dtype} "
                 "(encoder diverged, or values overflow fp16: try --dtype fp32)"
             )
         out[chunk] = rows
-        if pbar is not None:
-            pbar.update(len(chunk) / len(variants))
-    return keys, out.reshape(len(keys), len(variants), encoder.dim)
+        if pbar is not None:  # in reports: the shard's reports spread over its distinct texts
+            pbar.update(len(chunk) * len(keys) / len(unique))
+    return keys, out[cells].reshape(len(keys), len(variants), encoder.dim)
 
 
 def _progress(total: float, rank: int, enabled: bool) -> Any:

@@ -198,7 +198,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument(
         "--variants",
         default="report,negated",
-        help="text columns, comma-separated: report, negated, impression, findings",
+        help="text columns, comma-separated: report, negated, laterality (one finding's side "
+        "changed), severity (one finding's grade changed), impression, findings; an edit column "
+        "holds the report itself where it has no such finding",
     )
     b.add_argument("--batch-tokens", type=int, default=8192, help="padded tokens per encoder batch")
     b.add_argument("--dtype", default="fp16", choices=["fp16", "fp32"], help="storage dtype")

@@ -4,7 +4,7 @@ It drives the real commands, in order, as subprocesses -- exactly what a user wo
 
     shards build (Open-I reports from torchxrayvision, rendered images, patient-level split)
     stage 1      (deepspeed, 2 CPU ranks, SmolLM2-135M made bidirectional, LoRA)
-    cache build  (frozen encoder over every report: report + negated variants)
+    cache build  (frozen encoder over every report: report, negated, laterality, severity edits)
     stage 2      (deepspeed, 2 CPU ranks, timm ViT on cached embeddings, clinical losses)
     eval text    (error discrimination and findings->impression retrieval vs baselines)
     eval         (zero-shot AUROC, retrieval, negation/omission test, report.html)
@@ -105,7 +105,7 @@ def plan_steps(out: Path, quick: bool, ranks: int) -> list[Step]:
              [_deepspeed(str(REPO / "configs/stage1/demo.yaml"), s1_over, ranks)]),
         Step("cache", _exists(cache / "meta.json"),
              [[llmclip, "cache", "build", "--encoder", str(stage1 / "final"), "--shards", str(shards),
-               "--out", str(cache), "--variants", "report,negated"]]),
+               "--out", str(cache), "--variants", "report,negated,laterality,severity"]]),
         Step("stage 2", _exists(stage2 / "final" / "clip.json"),
              [_deepspeed(str(REPO / "configs/stage2/demo.yaml"), s2_over, ranks)]),
         Step("eval text", _exists(out / "eval_text.json"),
@@ -120,7 +120,17 @@ def plan_steps(out: Path, quick: bool, ranks: int) -> list[Step]:
 
 ABLATIONS = ("baseline", "neg", "soft", "graph", "full")
 """Stage-2 recipes of ``configs/stage2/ablations/``: the baseline, one addition each, all three."""
-ABLATION_KEYS = ("zero_shot_macro_auroc", "i2t_r1", "t2i_r1", "negation_accuracy", "omission_accuracy")
+ABLATION_KEYS = ("zero_shot_macro_auroc", "i2t_r1", "t2i_r1", "negation_accuracy", "seen_laterality_accuracy",
+                 "seen_severity_accuracy", "heldout_negation_accuracy", "heldout_omission_accuracy",
+                 "heldout_laterality_accuracy", "heldout_severity_accuracy", "linear_probe_macro_auroc")
+"""Headline figures of the ablation table and the demo summary, each printed with its 95% interval."""
+
+
+def _with_ci(m: dict, key: str) -> str:
+    from llmclip.eval.stats import fmt_ci
+
+    ci = (m.get("ci") or {}).get(key)
+    return fmt_ci(ci, pct=False, digits=3) if ci else "-"
 
 
 def ablation_steps(out: Path, quick: bool, ranks: int, names: list[str]) -> list[Step]:
@@ -152,7 +162,7 @@ def ablation_table(out: Path) -> str:
         path = out / "ablations" / name / "eval" / "metrics.json"
         if path.exists():
             m = json.loads(path.read_text())
-            vals = [f"{m[k]:.3f}" if isinstance(m.get(k), float) else "-" for k in ABLATION_KEYS]
+            vals = [_with_ci(m, k) for k in ABLATION_KEYS]
             lines.append(f"| {name} | " + " | ".join(vals) + " |")
     return "\n".join(lines)
 
@@ -212,10 +222,8 @@ def summary(out: Path) -> str:
     if metrics.exists():
         m = json.loads(metrics.read_text())
         lines.append("Stage 2 CLIP on held-out patients:")
-        for key in ("zero_shot_macro_auroc", "i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5", "negation_accuracy",
-                    "omission_accuracy"):
-            if isinstance(m.get(key), float):
-                lines.append(f"  {key:28s} {m[key]:.3f}")
+        for key in ("zero_shot_macro_auroc", "i2t_r1", "t2i_r1", *ABLATION_KEYS[3:]):
+            lines.append(f"  {key:28s} {_with_ci(m, key)}")
         lines.append(f"report: {out / 'report.html'}")
     return "\n".join(lines)
 

@@ -130,13 +130,14 @@ def stage2_cache(tmp_path_factory, openi_shards, tiny_encoder_dir):
 
 @pytest.fixture(scope="session")
 def stage2_lm_cache(tmp_path_factory, openi_shards, stage2_encoder_dir):
-    """Embedding cache (report + negated report) of every split of ``openi_shards``, made by
-    ``stage2_encoder_dir``: what the tiny 2-rank runs train on."""
+    """Embedding cache (report, negated report, laterality and severity edits: the columns of
+    configs/stage2/tiny.yaml) of every split of ``openi_shards``, made by ``stage2_encoder_dir``:
+    what the tiny 2-rank runs train on."""
     from llmclip.cache_build import BuildOptions, build_cache
 
     out = tmp_path_factory.mktemp("stage2") / "lm-cache"
     build_cache(BuildOptions(encoder=str(stage2_encoder_dir), shards=str(openi_shards), out=str(out),
-                             variants=["report", "negated"], progress=False))
+                             variants=["report", "negated", "laterality", "severity"], progress=False))
     return out
 
 

@@ -12,7 +12,10 @@ with T = I (one-hot) for plain CLIP.
 Negation hard negatives: image i also scores its own negated report, one extra column in the
 image->report direction: Z_i = [s * img_i . txt_j for all j, s * img_i . neg_i + log beta], target 0
 there (beta = ``negation.weight``: the hard negative counts as beta ordinary ones, 1 = plain). A
-negated report identical to the report (nothing to negate) is masked out of the softmax.
+negated report identical to the report (nothing to negate) is masked out of the softmax. Each
+column of ``negation.hard_negatives`` (e.g. the report with one finding's side or grade changed)
+adds one more such column, same beta, same masking: negation alone teaches presence, not where
+or how much.
 
 Clinically-enhanced dynamic soft labels (computed per global batch, no gradient):
     t_ij = cos(e_i, e_j)                                e = frozen cached LLM report embeddings
@@ -62,15 +65,44 @@ class NegationConfig:
     variant: str = "negated"
     """Cache column holding the negated report embedding."""
     identical_cos: float = 0.9999
-    """A negated embedding at least this close (cosine) to the report one is masked: nothing was negated."""
+    """An edited (negated, ...) embedding at least this close (cosine) to the report one, or equal
+    to it, is masked: nothing was edited. 1.0 masks exact copies only."""
     weight: float = 1.0
     """beta: the negated report counts as beta in-batch negatives (log beta is added to its logit)."""
+    hard_negatives: list[str] = field(default_factory=list)
+    """Further cache columns, e.g. laterality, severity, each scored by its own image as one more
+    extra negative (same weight), masked where identical to the report."""
 
     def validate(self) -> None:
         if not 0 < self.identical_cos <= 1:
             raise ConfigError("must be in (0, 1]", "identical_cos")
         if not self.weight > 0:
             raise ConfigError("must be > 0", "weight")
+        if not all(self.hard_negatives):
+            raise ConfigError("column names must not be empty", "hard_negatives")
+        if len(set(self.columns())) != len(self.columns()):
+            raise ConfigError(
+                f"columns repeat in {self.columns()} (with variant {self.variant!r}): a repeated "
+                "column would weigh its negative twice",
+                "hard_negatives",
+            )
+
+    def columns(self) -> list[str]:
+        """Cache columns of the extra negatives, in logit order: ``variant`` first."""
+        return [self.variant, *self.hard_negatives]
+
+    def column_indices(self, available: list[str]) -> list[int]:
+        """Positions of ``columns()`` in a cache's variant list; a missing one names the key."""
+        for key, names in (("variant", [self.variant]), ("hard_negatives", self.hard_negatives)):
+            missing = [n for n in names if n not in available]
+            if missing:
+                raise ConfigError(
+                    f"the embedding cache has no column {', '.join(map(repr, missing))} (it has "
+                    f"{', '.join(available)}); rebuild it with `llmclip cache build --variants "
+                    f"{','.join(dict.fromkeys([*available, *self.columns()]))}`",
+                    f"loss.negation.{key}",
+                )
+        return [available.index(n) for n in self.columns()]
 
 
 @dataclass
@@ -244,8 +276,9 @@ def clip_loss(
 ) -> torch.Tensor:
     """Symmetric InfoNCE between local rows ``a`` and ``b`` (normalised, [n, d]) gathered over ranks.
 
-    ``target``: global [N, N] soft target (None = one-hot). ``extra_a``: per-row extra candidate for
-    the a->b direction (local [n, d], e.g. the negated report), masked where ``extra_valid`` is False.
+    ``target``: global [N, N] soft target (None = one-hot). ``extra_a``: per-row extra candidates
+    for the a->b direction (local [n, d] for one, [n, k, d] for k, e.g. the negated report and
+    other edited reports), each masked where ``extra_valid`` ([n] or [n, k]) is False.
     Returns this rank's loss; its mean over ranks is the global loss.
     """
     n = a.shape[0]
@@ -266,20 +299,33 @@ def clip_loss(
         tgt = target.float()[index]
     tgt_ab = tgt
     if extra_a is not None:
-        extra = (
-            extra_a if local_loss else gather(extra_a, with_grad=gather_with_grad, local_loss=False)
-        )
-        extra_logit = scale * (rows_a * extra).sum(-1, keepdim=True) + math.log(extra_weight)
+        extra = extra_a if extra_a.dim() == 3 else extra_a.unsqueeze(1)
+        if not local_loss:
+            extra = gather(extra, with_grad=gather_with_grad, local_loss=False)
+        extra_logit = scale * (rows_a.unsqueeze(1) * extra).sum(-1) + math.log(extra_weight)
         if extra_valid is not None:
-            valid = (
-                extra_valid
-                if local_loss
-                else all_gather_no_grad(extra_valid.to(torch.uint8)).bool()
-            )
-            extra_logit = extra_logit.masked_fill(~valid.view(-1, 1), MASKED_LOGIT)
+            valid = extra_valid.reshape(extra_valid.shape[0], -1)
+            if not local_loss:
+                valid = all_gather_no_grad(valid.to(torch.uint8)).bool()
+            extra_logit = extra_logit.masked_fill(~valid, MASKED_LOGIT)
         logits_ab = torch.cat([logits_ab, extra_logit], dim=1)
-        tgt_ab = torch.cat([tgt, torch.zeros_like(tgt[:, :1])], dim=1)
+        tgt_ab = torch.cat([tgt, tgt.new_zeros(tgt.shape[0], extra.shape[1])], dim=1)
     return 0.5 * (soft_cross_entropy(logits_ab, tgt_ab) + soft_cross_entropy(logits_ba, tgt))
+
+
+def edit_mask(edited: torch.Tensor, text_raw: torch.Tensor, identical_cos: float) -> torch.Tensor:
+    """[n, k]: whether each cached edited report ([n, k, D], or [n, D] for k = 1) differs from its
+    report ([n, D]). An edit column holds the report itself where there was nothing to edit, and
+    scoring an image against its own report as a negative would fight the positive.
+
+    Equal rows always count as identical: the builder encodes each distinct text once, so such a
+    cell is the report's very row, while a real one-word edit of a long report can sit within
+    1e-4 of it in cosine (``identical_cos`` 1.0 then keeps every real edit).
+    """
+    edited = edited if edited.dim() == 3 else edited.unsqueeze(1)
+    report = text_raw.unsqueeze(1)
+    cos = F.cosine_similarity(edited.float(), report.float(), dim=-1)
+    return (cos < identical_cos) & ~(edited == report).all(-1)
 
 
 def total_loss(
@@ -289,7 +335,9 @@ def total_loss(
     alpha: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """All enabled terms. ``feats``: image, text, scale [, negated, graph]; ``aux`` (no grad):
-    text_raw [n, D] cached embeddings, labels [n, 14], graph_nodes [n, V] multi-hot, negated_valid [n].
+    text_raw [n, D] cached embeddings, labels [n, 14], graph_nodes [n, V] multi-hot, negated_valid.
+    ``negated`` is [n, E] or [n, k, E] (the ``negation.columns()`` in order), ``negated_valid`` [n]
+    or [n, k] to match.
     """
     target = None
     logs: dict[str, float] = {}

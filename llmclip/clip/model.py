@@ -322,7 +322,11 @@ class CLIPModel(nn.Module):
         graph: dict[str, torch.Tensor] | None = None,
         negated_emb: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """All streams in one call (ZeRO-3 gathers parameters per forward)."""
+        """All streams in one call (ZeRO-3 gathers parameters per forward).
+
+        ``negated_emb``: each sample's own edited reports, [n, D] or [n, k, D] (the negated one,
+        then ``loss.negation.hard_negatives``); ``out["negated"]`` keeps that shape.
+        """
         out = {
             "image": self.encode_image(pixels),
             "text": self.encode_text(text_emb),

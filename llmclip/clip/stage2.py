@@ -110,6 +110,15 @@ class Stage2Config:
                 "graph_similarity 'embedding' needs model.graph.enabled: true",
                 "loss.soft_labels.graph_similarity",
             )
+        neg = self.loss.negation
+        if neg.enabled and self.data.text_variant in neg.columns():
+            raise ConfigError(
+                f"{self.data.text_variant!r} is data.text_variant, the positive itself: every row "
+                "would be masked as identical",
+                "loss.negation.variant"
+                if neg.variant == self.data.text_variant
+                else "loss.negation.hard_negatives",
+            )
 
 
 # ------------------------------------------------------------------------------------------------

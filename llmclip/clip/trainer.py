@@ -30,7 +30,7 @@ from llmclip.clip.batching import (
     text_statistics,
     unbatch,
 )
-from llmclip.clip.losses import total_loss
+from llmclip.clip.losses import edit_mask, total_loss
 from llmclip.clip.model import CLIPModel
 from llmclip.clip.stage2 import (
     Stage2Config,
@@ -142,11 +142,8 @@ class Stage2Trainer:
             check_keys=cfg.data.check_keys,
         )
         self.text_col = self.cache.variant_index(cfg.data.text_variant)
-        self.neg_col = (
-            self.cache.variant_index(cfg.loss.negation.variant)
-            if cfg.loss.negation.enabled
-            else None
-        )
+        neg = cfg.loss.negation
+        self.neg_cols = neg.column_indices(self.cache.variants) if neg.enabled else None
         self.env = init_distributed(cfg.run.collective_timeout_s)
 
         torch.manual_seed(cfg.run.seed)
@@ -208,11 +205,10 @@ class Stage2Trainer:
             "text_raw": text_raw,
             "labels": label_matrix(metas, self.classes).to(self.device),
         }
-        if self.neg_col is not None:
-            neg = rows[:, self.neg_col].to(self.device)
+        if self.neg_cols is not None:
+            neg = rows[:, self.neg_cols].to(self.device)  # [n, k, D]
             inputs["negated_emb"] = neg
-            cos = torch.nn.functional.cosine_similarity(neg.float(), text_raw.float(), dim=-1)
-            aux["negated_valid"] = cos < self.cfg.loss.negation.identical_cos
+            aux["negated_valid"] = edit_mask(neg, text_raw, self.cfg.loss.negation.identical_cos)
         if self.graphs is not None:
             texts = [report_text(m) for m in metas]
             if self.cfg.model.graph.enabled:

@@ -19,12 +19,13 @@ import numpy as np
 import pytest
 
 from llmclip.cache import CacheMismatch, EmbeddingCache, shard_keys
-from llmclip.cache_build import BuildOptions, build_cache, read_reports
+from llmclip.cache_build import BuildOptions, build_cache, encode_shard, read_reports
 from llmclip.cli import main
 from llmclip.config import ConfigError
 from llmclip.data.text import clinical_text
 
-VARIANTS = ["report", "negated", "impression"]
+# The edit columns ride along so that 2-rank, 1-rank and resumed builds must pick the same edits.
+VARIANTS = ["report", "negated", "impression", "laterality", "severity"]
 BIN = Path(sys.executable).parent
 
 
@@ -107,7 +108,7 @@ def test_rows_are_the_encoder_embeddings(ref_cache, openi_shards, encoder):
     samples = list(read_reports(shard.path))[:5]
     keys = [k for k, _ in samples][::-1]  # any order: rows follow the keys asked for
     got = cache.rows(shard.path, keys).astype(np.float32)
-    assert got.shape == (5, 3, encoder.dim)
+    assert got.shape == (5, len(VARIANTS), encoder.dim)
     reports = {k: r for k, r in samples}
     for col, text_of in enumerate(
         [
@@ -123,6 +124,69 @@ def test_rows_are_the_encoder_embeddings(ref_cache, openi_shards, encoder):
         cache.rows(shard.name, ["openi-no-such-key"])
     with pytest.raises(CacheMismatch, match="train-999999"):
         cache.rows("train-999999", keys)
+
+
+def _edit(kind: str, text: str) -> str | None:
+    """The one training-family edit of ``kind`` the builder is meant to pick, or None."""
+    import random
+
+    from llmclip.clinical import one_error_edits
+
+    edits = one_error_edits(text, random.Random(f"{kind}:{text}"))
+    return next((v.text for v in edits if v.kind == kind), None)
+
+
+def test_edit_columns_hold_the_edit_or_else_the_report(ref_cache, openi_shards, encoder):
+    from llmclip.data.shards import resolve_shards
+
+    cache = EmbeddingCache(ref_cache)
+    col = {v: cache.variant_index(v) for v in ("report", "laterality", "severity")}
+    kinds = {"laterality": "laterality_swap", "severity": "severity_change"}
+    edited: dict[str, list[tuple[np.ndarray, str]]] = {v: [] for v in kinds}
+    plain = dict.fromkeys(kinds, 0)
+    for shard in resolve_shards(str(openi_shards), "text"):
+        samples = list(read_reports(shard.path))
+        rows = cache.rows(shard.name, [k for k, _ in samples]).astype(np.float32)
+        for (_, report), row in zip(samples, rows, strict=True):
+            text = clinical_text(report)
+            for variant, kind in kinds.items():
+                edit = _edit(kind, text)
+                if edit is None:  # the report itself, encoded once: equal bits, masked in stage 2
+                    np.testing.assert_array_equal(row[col[variant]], row[col["report"]])
+                    plain[variant] += 1
+                else:
+                    assert edit != text
+                    edited[variant].append((row[col[variant]], edit))
+    for variant in kinds:
+        assert len(edited[variant]) >= 3 and plain[variant] >= 3, (variant, plain, edited)
+        got = np.stack([r for r, _ in edited[variant]])
+        want = encoder.encode([t for _, t in edited[variant]]).numpy()
+        np.testing.assert_allclose(got, want, rtol=2e-2, atol=2e-3)
+
+
+def test_each_distinct_text_of_a_shard_is_encoded_once(ref_cache, openi_shards, encoder):
+    from llmclip.data.shards import resolve_shards
+
+    class Counting:
+        dim = encoder.dim
+
+        def __init__(self) -> None:
+            self.texts: list[str] = []
+
+        def encode(self, texts: list[str], **kw):
+            self.texts += texts
+            return encoder.encode(texts, **kw)
+
+    shard = resolve_shards(str(openi_shards), "text")[0]
+    counting = Counting()
+    keys, emb = encode_shard(counting, shard.path, list(VARIANTS), None, 8192, "fp16")
+    assert len(counting.texts) == len(set(counting.texts)) < len(keys) * len(VARIANTS)
+    np.testing.assert_allclose(
+        emb.astype(np.float32),
+        EmbeddingCache(ref_cache).array(shard.name).astype(np.float32),
+        rtol=1e-3,
+        atol=1e-3,
+    )
 
 
 def test_two_ranks_under_deepspeed_equal_one_rank(

@@ -16,6 +16,7 @@ from llmclip.clip.losses import (
     NegationConfig,
     SoftLabelConfig,
     clip_loss,
+    edit_mask,
     label_similarity,
     set_similarity,
     soft_targets,
@@ -141,6 +142,84 @@ def test_negation_column_is_a_hard_negative_and_masked_when_identical():
     assert (a2.grad * near).sum(-1).mean() > 0  # descent direction -grad lowers img . neg
 
 
+def test_hard_negative_columns_each_enter_the_softmax_and_masked_ones_change_nothing():
+    """loss.negation.hard_negatives: k cached columns per image ([n, k, E]), each one more extra
+    candidate of the image->report row with the same beta; a masked column is as if absent."""
+    g = torch.Generator().manual_seed(5)
+    a = _normed(torch.randn(N, D, generator=g))
+    b = _normed(a + 0.1 * torch.randn(N, D, generator=g))
+    neg = _normed(torch.randn(N, D, generator=g))
+    lat = _normed(torch.randn(N, D, generator=g))
+    sev = _normed(torch.randn(N, D, generator=g))
+    valid = torch.rand(N, 3, generator=g) > 0.3
+    valid[:, 0] = True
+    scale = torch.tensor(15.0)
+    one = NegationConfig(enabled=True, weight=2.0)
+    three = NegationConfig(enabled=True, weight=2.0, hard_negatives=["laterality", "severity"])
+
+    def loss(cfg, edited, ok):
+        feats = {"image": a, "text": b, "scale": scale, "negated": edited}
+        aux = {"text_raw": torch.randn(N, RAW), "negated_valid": ok}
+        return total_loss(LossConfig(negation=cfg, graph_weight=0.0), feats, aux)[0]
+
+    # hard_negatives: [] is today's loss, bit for bit, in either shape the trainer may hand over.
+    today = clip_loss(a, b, scale, extra_a=neg, extra_valid=valid[:, 0], extra_weight=2.0)
+    assert torch.equal(loss(one, neg, valid[:, 0]), today)
+    assert torch.equal(loss(one, neg.unsqueeze(1), valid[:, :1]), today)
+    # Written out: row i has N + 3 candidates, each extra one counted beta times, masked ones absent.
+    stack = torch.stack([neg, lat, sev], dim=1)
+    extra = scale * torch.einsum("nd,nkd->nk", a, stack) + math.log(2.0)
+    logits = torch.cat([scale * a @ b.T, extra.masked_fill(~valid, -math.inf)], dim=1)
+    ref = 0.5 * (
+        F.cross_entropy(logits, torch.arange(N)) + F.cross_entropy(scale * b @ a.T, torch.arange(N))
+    )
+    assert torch.allclose(loss(three, stack, valid), ref, atol=1e-5)
+    # Every extra column counts: moving a laterality edit toward its image raises the loss.
+    closer = torch.stack([neg, _normed(a + 0.05 * lat), sev], dim=1)
+    all_valid = torch.ones(N, 3, dtype=torch.bool)
+    assert (
+        loss(three, closer, all_valid) > loss(three, stack, all_valid) > loss(one, neg, valid[:, 0])
+    )
+    # Masked columns change nothing, wherever they point.
+    only_neg = valid.clone()
+    only_neg[:, 1:] = False
+    assert torch.allclose(loss(three, closer, only_neg), loss(one, neg, valid[:, 0]), atol=1e-6)
+    # The gradient pushes each image away from its own (unmasked) edited reports.
+    a2 = a.clone().requires_grad_(True)
+    feats = {"image": a2, "text": b, "scale": scale, "negated": closer}
+    aux = {"text_raw": torch.randn(N, RAW), "negated_valid": all_valid}
+    total_loss(LossConfig(negation=three, graph_weight=0.0), feats, aux)[0].backward()
+    assert (a2.grad * closer[:, 1]).sum(-1).mean() > 0  # descent lowers img . laterality edit
+
+
+def test_edit_mask_masks_edits_identical_to_the_report():
+    g = torch.Generator().manual_seed(6)
+    text = torch.randn(4, RAW, generator=g)
+    nudged = text.clone()
+    nudged[:, 0] += 0.05  # a real edit, within 1e-4 of the report in cosine
+    edited = torch.stack([torch.randn(4, RAW, generator=g), text.clone(), nudged], dim=1)
+    assert edit_mask(edited, text, 0.9999).tolist() == [[True, False, False]] * 4
+    assert edit_mask(edited[:, 0], text, 0.9999).shape == (4, 1)
+    # At 1.0 only the exact copy is masked (the cosine of equal rows may round below 1).
+    assert edit_mask(edited, text, 1.0).tolist() == [[True, False, True]] * 4
+
+
+def test_hard_negative_columns_are_validated_and_looked_up_by_name():
+    cfg = NegationConfig(enabled=True, hard_negatives=["laterality", "severity"])
+    validate(cfg)
+    assert cfg.columns() == ["negated", "laterality", "severity"]
+    assert cfg.column_indices(["report", "severity", "negated", "laterality"]) == [2, 3, 1]
+    for bad in (["laterality", "laterality"], ["negated"], [""]):
+        with pytest.raises(ConfigError, match="loss.negation.hard_negatives"):
+            validate(LossConfig(negation=NegationConfig(hard_negatives=bad)), "loss")
+    with pytest.raises(
+        ConfigError, match=r"loss.negation.hard_negatives: .*'severity'.*report, negated"
+    ):
+        cfg.column_indices(["report", "negated", "laterality"])
+    with pytest.raises(ConfigError, match="loss.negation.variant"):
+        cfg.column_indices(["report", "laterality", "severity"])
+
+
 def test_graph_alignment_term_is_added_with_its_weight():
     g = torch.Generator().manual_seed(3)
     a, b, gr = (_normed(torch.randn(N, D, generator=g)) for _ in range(3))
@@ -163,6 +242,9 @@ CASES = {
         soft_labels=SoftLabelConfig(enabled=True, alpha_end=0.5, graph_similarity="embedding")
     ),
     "graph": dict(graph_weight=0.7),
+    "hard_negatives": dict(
+        negation=NegationConfig(enabled=True, weight=2.0, hard_negatives=["laterality", "severity"])
+    ),
     "full": dict(
         negation=NegationConfig(enabled=True),
         soft_labels=SoftLabelConfig(enabled=True, alpha_end=0.5),
@@ -190,6 +272,8 @@ def _problem(seed: int = 7) -> dict[str, torch.Tensor]:
         "labels": (torch.rand(n2, 14, generator=g) > 0.6).float(),
         "nodes": (torch.rand(n2, V, generator=g) > 0.7).float(),
         "neg_valid": torch.rand(n2, generator=g) > 0.25,
+        "x_hard": torch.randn(n2, 2, RAW, generator=g),
+        "hard_valid": torch.rand(n2, 2, generator=g) > 0.4,
         "w": torch.randn(4, D, RAW, generator=g) * 0.3,
     }
 
@@ -218,6 +302,10 @@ def _run_case(
         "graph_nodes": p["nodes"][rows],
         "negated_valid": p["neg_valid"][rows],
     }
+    if cfg.negation.hard_negatives:  # [n, 3, E]: the negated report, then two more columns
+        edited = torch.cat([p["x_neg"].unsqueeze(1), p["x_hard"]], dim=1)[rows]
+        feats["negated"] = _normed(edited @ w[2].T)
+        aux["negated_valid"] = torch.cat([p["neg_valid"].unsqueeze(1), p["hard_valid"]], 1)[rows]
     alpha = cfg.soft_labels.alpha(1, 1)
     loss, _ = total_loss(cfg, feats, aux, alpha)
     loss.backward()

@@ -157,3 +157,17 @@ def test_forward_with_bf16_parameters_and_fp32_buffers():
     out = model(pixels, torch.randn(2, 40), graph=_graph(2), negated_emb=torch.randn(2, 40))
     for name in ("image", "text", "negated", "graph"):
         assert out[name].dtype == torch.bfloat16 and torch.isfinite(out[name].float()).all()
+
+
+def test_edited_reports_keep_their_columns():
+    """``negated_emb`` [n, k, D] (the negated report, then loss.negation.hard_negatives): each
+    column goes through the same text adapter as a report would, one row at a time."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vision=TINY_VIT, text=TextAdapterConfig(kind="mlp", blocks=1), embed_dim=24)
+    model = CLIPModel(cfg, text_dim=40, image_size=32).eval()
+    edited = torch.randn(3, 4, 40)
+    pixels = model.preprocess(torch.randint(0, 256, (3, 1, 32, 32), dtype=torch.uint8))
+    out = model(pixels, torch.randn(3, 40), negated_emb=edited)
+    assert out["negated"].shape == (3, 4, 24)
+    for k in range(4):
+        assert torch.allclose(out["negated"][:, k], model.encode_text(edited[:, k]), atol=1e-6)

@@ -71,8 +71,13 @@ def test_cache_that_does_not_match_the_shards_is_refused(
         == 2
     )
     assert "was built by encoder" in capsys.readouterr().err
+    # (d) a cache without the recipe's hard-negative columns: refused, the key and columns named.
+    assert train_main(_train_args(openi_shards, stage2_cache, tmp_path / "d")) == 2
+    err = capsys.readouterr().err
+    assert "loss.negation.hard_negatives" in err and "'laterality', 'severity'" in err, err
+    assert "(it has report, negated)" in err, err
     # Nothing was trained or written in any of these cases.
-    assert not any((tmp_path / x / "checkpoints").exists() for x in "abc")
+    assert not any((tmp_path / x / "checkpoints").exists() for x in "abcd")
 
 
 def test_two_rank_run_writes_a_complete_run_folder(stage2_runs):

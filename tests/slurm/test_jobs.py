@@ -127,14 +127,14 @@ def test_preempted_stage1_job_requeues_resumes_and_matches(
 @pytest.fixture(scope="module")
 def cache_dir(stage1_run: Path, openi_shards, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("slurm") / "cache"
-    # The run folder stands for its encoder (RUN/final); stage 2's tiny recipe needs both variants.
+    # The run folder stands for its encoder (RUN/final); stage 2's tiny recipe needs these variants.
     job = run_job(
         "slurm/cache.sh",
         str(stage1_run),
         str(openi_shards),
         str(out),
         "--variants",
-        "report,negated",
+        "report,negated,laterality,severity",
         name="llmclip-cache",
     )
     assert job.rc == 0 and job.state == "COMPLETED", job.describe()
@@ -148,12 +148,12 @@ def test_cache_job_writes_every_sidecar(cache_dir: Path, openi_shards, stage1_ru
     cache = EmbeddingCache(cache_dir)
     encoder = json.loads((stage1_run / "final" / "encoder.json").read_text())
     assert cache.fingerprint == encoder["fingerprint"]
-    assert cache.variants == ["report", "negated"]
+    assert cache.variants == ["report", "negated", "laterality", "severity"]
     shards = resolve_shards(str(openi_shards), "text")
     assert len(shards) > 2  # both ranks had shards to encode
     for shard in shards:
         rows = cache.array(shard.name)
-        assert rows.shape[:2] == (shard.count, 2)
+        assert rows.shape[:2] == (shard.count, 4)
         assert np.isfinite(np.asarray(rows, dtype=np.float32)).all()
 
 
