@@ -169,7 +169,9 @@ class BuildOptions:
     """Shard SPEC (``DIR``, ``DIR:train``, ``DIR:train,val``); its text-only shards are read."""
     out: str
     """Cache folder."""
-    variants: list[str] = dataclasses.field(default_factory=lambda: ["report", "negated"])
+    variants: list[str] = dataclasses.field(
+        default_factory=lambda: ["report", "negated", "laterality", "severity"]
+    )
     """Text columns per sample: report, negated, laterality (one finding's side changed),
     severity (one finding's grade changed), impression, findings."""
     batch_tokens: int = 8192

@@ -197,8 +197,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--out", required=True, help="cache folder")
     b.add_argument(
         "--variants",
-        default="report,negated",
-        help="text columns, comma-separated: report, negated, laterality (one finding's side "
+        default="report,negated,laterality,severity",
+        help="text columns, comma-separated (default: the hard negatives the stage-2 recipes "
+        "use): report, negated, laterality (one finding's side "
         "changed), severity (one finding's grade changed), impression, findings; an edit column "
         "holds the report itself where it has no such finding",
     )

@@ -2,7 +2,7 @@
 # Embedding cache: encode every report once with a finished stage-1 encoder. From the repo root:
 #   sbatch slurm/cache.sh ENCODER SHARDS [OUT] [llmclip cache build options]
 #   sbatch slurm/cache.sh runs/stage1/llama3-8b shards/mimic            (OUT: cache/mimic)
-#   sbatch slurm/cache.sh runs/stage1/llama3-8b shards/mimic cache/mimic --variants report,negated
+#   sbatch slurm/cache.sh runs/stage1/llama3-8b shards/mimic cache/mimic --variants report,negated,laterality,severity
 # ENCODER is a stage-1 run folder (its final/ is used) or an encoder folder. Each rank encodes whole
 # shards (index mod world size) into sidecars; near the time limit the job requeues itself and the
 # rerun skips complete sidecars. LLMCLIP_DRY_RUN=1 prints the per-node command lines.
