@@ -109,8 +109,9 @@ def plan_steps(out: Path, quick: bool, ranks: int) -> list[Step]:
         Step("stage 2", _exists(stage2 / "final" / "clip.json"),
              [_deepspeed(str(REPO / "configs/stage2/demo.yaml"), s2_over, ranks)]),
         Step("eval text", _exists(out / "eval_text.json"),
-             [[llmclip, "eval", "text", "--encoder", str(stage1 / "final"), "--shards", f"{shards}:test",
-               "--out", str(out / "eval_text.json"), *text_baselines]]),
+             # val + test: both held-out patients (nothing selects on val), twice the items.
+             [[llmclip, "eval", "text", "--encoder", str(stage1 / "final"), "--shards", f"{shards}:val,test",
+               "--max-reports", "800", "--out", str(out / "eval_text.json"), *text_baselines]]),
         Step("eval", _exists(out / "eval" / "metrics.json"),
              [[llmclip, "eval", "--model", str(stage2), "--shards", f"{shards}:test", "--cache", str(cache),
                "--encoder", str(stage1 / "final"), "--out", str(out / "eval"),

@@ -48,7 +48,8 @@ def _training_outputs(text: str) -> set[str]:
 
 def _heldout_outputs(text: str, seed: int) -> set[str]:
     rng = random.Random(seed)
-    out = {H.style(text), H.abbreviate(text)}
+    short = H.abbreviate(text)
+    out = {H.style(text), short, H.style(short) if short else None}
     for kind in (*H.EDIT_KINDS, "omission"):
         v = H.edit(text, kind, rng)
         if v is not None:
