@@ -51,7 +51,7 @@ def test_suite_from_real_held_out_reports(openi_shards):
     again = build_suite(metas, seed=0)
     assert again.error_items == s.error_items  # every encoder is asked the same questions
     assert again.heldout_items == s.heldout_items and s.heldout_abbreviated
-    for i, styled, edits, kind in s.heldout_items:
+    for _i, styled, edits, kind in s.heldout_items:
         # Held-out items: the styled report and three styled one-error edits of it, all distinct.
         assert kind == "enumerate" and styled.startswith("1. ") and len(set(edits)) == 3
         assert styled not in edits and all(e.startswith("1. ") for e in edits)
