@@ -42,17 +42,30 @@ def _row(table: list[dict], prefix: str) -> dict:
 def test_stage1_encoder_beats_its_untrained_base(quick_demo):
     out = quick_demo[0]
     res = json.loads((out / "eval_text.json").read_text())
-    assert res["counts"]["error_items"] >= 15, res["counts"]
+    assert res["counts"]["error_items"] >= 30 and res["counts"]["heldout_error_items"] >= 30, res["counts"]
     trained, base = _row(res["table"], "stage-1 encoder"), _row(res["table"], "untrained base LLM")
-    # Pairwise: the rewrite above each one-error edit (3 per item), the least noisy of the numbers.
-    assert trained["error_pairwise"] > base["error_pairwise"] + 0.05, (trained, base)
+    # Pairwise (3 per item) is the least noisy figure. Measured at 40 steps: 45.4% [36.9, 53.9] (141
+    # triples) against the base's 27.0%: the whole interval must stay above the base, and the value
+    # within a safe margin of what was measured.
+    ci = trained["ci"]["error_pairwise"]
+    assert ci["lo"] > base["error_pairwise"] and trained["error_pairwise"] > 0.40, (trained, base)
+    for row in res["table"]:
+        for key, c in row["ci"].items():
+            assert c["n"] > 0 and c["lo"] <= c["value"] <= c["hi"], (row["encoder"], key, c)
+        assert "heldout_error_discrimination" in row and "heldout_abbreviation_r1" in row
 
 
 def test_stage2_model_reads_findings_off_held_out_images(quick_demo):
     out = quick_demo[0]
     m = json.loads((out / "eval" / "metrics.json").read_text())
-    # An untrained image tower scores 0.5 macro AUROC in expectation (chance).
-    assert m["zero_shot_macro_auroc"] > 0.6, m["zero_shot_macro_auroc"]
+    # Measured at 60 steps on 165 held-out images: macro AUROC 0.791 [0.746, 0.836], linear probe
+    # 0.815 [0.764, 0.859] (an untrained tower scores 0.5). Thresholds sit a safe margin below.
+    zs, probe = m["ci"]["zero_shot_macro_auroc"], m["ci"]["linear_probe_macro_auroc"]
+    assert zs["value"] > 0.72 and zs["lo"] > 0.65, zs
+    assert probe["value"] > 0.72, probe
+    for key in ("negation_accuracy", "heldout_negation_accuracy", "heldout_omission_accuracy",
+                "heldout_laterality_accuracy", "heldout_severity_accuracy"):
+        assert m["ci"][key]["n"] > 0, key
     assert (out / "report.html").is_file() and (out / "eval" / "report.html").stat().st_size > 10_000
 
 
