@@ -17,9 +17,10 @@ the templates. This module is the held-out family, written apart from them:
   ``EVAL_DEVICE_SENTENCES``; ``finding`` substitutes a finding by ``EVAL_NEIGHBOURS``;
   ``omission`` (CXR-Align) removes every sentence, in every section, that mentions one finding.
 
-Every held-out variant is carried by a held-out style: the true text is ``style(report)`` and each
-variant is ``style(edit(report))``, so the two differ only in the clinical fact, and no training
-generator (which never numbers sentences nor uses this lexicon) can produce either string.
+Every held-out variant is carried by a held-out style: each wrong report is ``style(edit(report))``
+and its true counterpart ``style(report)`` (image-text CXR-Align: they differ only in the fact) or
+``style(abbreviate(report))`` (the text error test: reworded, like the seen family's rewrites), so no
+training generator (which never numbers sentences nor uses this lexicon) can produce either string.
 ``tests/eval/test_heldout.py`` checks that over the Open-I test split. A variant the ``Labeler``
 does not confirm is dropped and counted, never kept.
 """
