@@ -60,6 +60,9 @@ def test_a_rank_lost_mid_step_stops_the_survivor_in_bounded_time_and_the_job_res
         tmp_path, openi_shards, stage2_cache, tiny_encoder_dir):
     run = tmp_path / "run"
     recipe = stage2_recipe(run, openi_shards, stage2_cache, tiny_encoder_dir, collective_timeout_s=TIMEOUT_S)
+    # Room to fault after the resume: on a fast machine the first fault can land five steps in, and a
+    # resumed job with nothing left to train would finish before rank 1 is lost.
+    recipe["optim"]["max_steps"] = 40
     cfg = write_config(tmp_path / "cfg.yaml", recipe)
     seed = fault_seeds()[0]
 
