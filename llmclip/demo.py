@@ -6,8 +6,8 @@ It drives the real commands, in order, as subprocesses -- exactly what a user wo
     stage 1      (deepspeed, 2 CPU ranks, SmolLM2-135M made bidirectional, LoRA)
     cache build  (frozen encoder over every report: report, negated, laterality, severity edits)
     stage 2      (deepspeed, 2 CPU ranks, timm ViT on cached embeddings, clinical losses)
-    eval text    (error discrimination and findings->impression retrieval vs baselines)
-    eval         (zero-shot AUROC, retrieval, negation/omission test, report.html)
+    eval text    (seen and held-out variant families, with intervals, vs baselines; val + test)
+    eval         (zero-shot and binary AUROC, linear probe, retrieval, CXR-Align, report.html)
 
 Each step first asks whether its output is already complete and skips if so, so a rerun after a
 kill resumes where it stopped, and a rerun after success finishes in seconds. ``--quick`` is the

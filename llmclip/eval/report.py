@@ -1,7 +1,7 @@
 """``report.html``: the evaluation as one self-contained page (matplotlib PNGs embedded as base64).
 
 Sections: headline table, zero-shot ROC curves and per-finding AUROC, retrieval recall curves,
-the negation / omission test, the text-encoder table (when ``eval text`` results are given), and a
+CXR-Align (seen and held-out variant families), the binary tasks and the linear probe, the text-encoder table (when ``eval text`` results are given), and a
 grid of held-out images with their true report and the best- and worst-matching reports.
 """
 
