@@ -180,7 +180,7 @@ def write_report(
     probe = metrics.get("linear_probe") or {}
     if probe.get("per_class"):
         parts.append(f"<h3>Linear probe (logistic regression on frozen image features, "
-                     f"{html.escape(str(probe.get('train_shards')))} -> test)</h3>")
+                     f"{html.escape(str(probe.get('train_shards')))} -> the evaluated images)</h3>")
         parts.append(_table([[c, v.get("auroc"), _interval(v), v.get("skipped") or ""]
                              for c, v in probe["per_class"].items()],
                             ["finding", "AUROC", "95% interval", "skipped"]))
