@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import random
 import sys
 import tarfile
 import time
@@ -63,17 +62,14 @@ def _negated(report: dict[str, Any]) -> str:
 
 
 def _one_error(kind: str) -> Callable[[dict[str, Any]], str]:
-    """Column of the clinical text with one training-family edit of ``kind`` (``one_error_edits``),
-    or the text itself when the report offers none (stage 2 masks that row as identical)."""
+    """Column of the clinical text with the training-family edit of ``kind`` (``one_edit``), or the
+    text itself when the report offers none (stage 2 masks that row as identical)."""
 
     def column(report: dict[str, Any]) -> str:
-        from llmclip.clinical import one_error_edits  # the clinical toolkit owns the edits
+        from llmclip.clinical.variants import one_edit  # the clinical toolkit owns the edits
 
         text = clinical_text(report)
-        # A str seed is hashed with SHA-512, not the per-process salted hash(): every rank, rerun
-        # and resume picks the same edit, so 2-rank, 1-rank and resumed caches agree.
-        rng = random.Random(f"{kind}:{text}")
-        return next((v.text for v in one_error_edits(text, rng) if v.kind == kind), text)
+        return one_edit(text, kind) or text
 
     return column
 

@@ -303,16 +303,22 @@ _NEGATED_SENTENCE = ("There is no {t}.", "No evidence of {t}.", "{T} is not iden
 _AFFIRMED_SENTENCE = ("There is {t}.", "{T} is noted.", "{T} is identified.")
 
 
-def _template_flip(text: str, result: LabelResult, obs: str, ms: list[Mention], rng) -> str | None:
-    """The sentences of one finding rewritten as one template sentence of the opposite status;
-    None where those sentences state other findings too (a template would change them)."""
-    if any(m.form != "term" for m in ms):
+def template_flip(text: str, mentions: list[Mention], obs: str, rng,
+                  negated: tuple[str, ...] = _NEGATED_SENTENCE,
+                  affirmed: tuple[str, ...] = _AFFIRMED_SENTENCE) -> str | None:
+    """The sentences of one finding (``obs``, all its ``mentions`` of the report) rewritten as one
+    template sentence of the opposite status, ``{T}``/``{t}`` the finding's term; None where those
+    sentences state other findings too (a template would change them), for an uncertain mention
+    (no opposite) or a predicate form ("heart size is normal": no term to template). The templates
+    are the caller's: training and evaluation use different cue words."""
+    ms = [m for m in mentions if m.observation == obs]
+    if not ms or any(m.status == "uncertain" or m.form != "term" for m in ms):
         return None
     idx = {m.sentence_index for m in ms}
-    if idx & {m.sentence_index for m in result.mentions if m.observation != obs}:
+    if idx & {m.sentence_index for m in mentions if m.observation != obs}:
         return None
     term = ms[0].term
-    tpl = _choice(rng, list(_NEGATED_SENTENCE if ms[0].status == "positive" else _AFFIRMED_SENTENCE))
+    tpl = _choice(rng, list(negated if ms[0].status == "positive" else affirmed))
     new = tpl.format(T=term[:1].upper() + term[1:], t=term)
     parts = []
     for i, (a, b) in enumerate(_sentences(text)):
@@ -322,6 +328,17 @@ def _template_flip(text: str, result: LabelResult, obs: str, ms: list[Mention], 
         elif i not in idx and sent:
             parts.append(sent)
     return " ".join(parts)
+
+
+def one_edit(text: str, kind: str) -> str | None:
+    """The one-error edit of ``kind`` (e.g. "laterality_swap") that training uses for a report, or
+    None. Seeded by the text itself (a str seed is hashed with SHA-512, not the salted hash()), so
+    every rank, rerun and evaluation picks the same edit: the cache's edit columns and CXR-Align's
+    seen family are the same strings."""
+    import random
+
+    rng = random.Random(f"{kind}:{text}")
+    return next((v.text for v in one_error_edits(text, rng) if v.kind == kind), None)
 
 
 def _edit_candidates(text: str, result: LabelResult, rng) -> list[tuple[Variant, str | None]]:
@@ -336,7 +353,7 @@ def _edit_candidates(text: str, result: LabelResult, rng) -> list[tuple[Variant,
         if not ms or len(ms) != len(by_obs[obs]):
             continue
         edits = _flip_edits(text, ms)
-        templated = _template_flip(text, result, obs, ms, rng) if _randint(rng, 2) else None
+        templated = template_flip(text, result.mentions, obs, rng) if _randint(rng, 2) else None
         if edits or templated:
             before = result.vector.get(obs)
             after = "negative" if before == 1 else "positive"

@@ -29,17 +29,14 @@ _TRAINING_EDIT = {"laterality": "laterality_swap", "severity": "severity_change"
 
 
 def seen_variant(text: str, kind: str) -> str | None:
-    """The training family's wrong report (the same rule and seed as the cache columns)."""
-    from llmclip.clinical import negate, one_error_edits
+    """The training family's wrong report: the very strings the cache's columns hold."""
+    from llmclip.clinical import negate
+    from llmclip.clinical.variants import one_edit
 
     if kind == "negated":
         out = negate(text)
         return out if out.strip() and out != text else None
-    want = _TRAINING_EDIT[kind]
-    for v in one_error_edits(text, random.Random(f"{want}:{text}")):
-        if v.kind == want:
-            return v.text
-    return None
+    return one_edit(text, _TRAINING_EDIT[kind])
 
 
 def heldout_pair(text: str, kind: str, rng: random.Random, dropped: Any) -> tuple[str, str] | None:

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 from llmclip.clinical import Labeler
 from llmclip.clinical.labeler import _sentences
-from llmclip.clinical.variants import confirm_edit, summarise
+from llmclip.clinical.variants import confirm_edit, summarise, template_flip
 
 _LABELER = Labeler()
 
@@ -227,18 +227,9 @@ def _replace_sentences(text: str, idx: set[int], new: dict[int, str] | None = No
     return " ".join(parts)
 
 
-def _negation(text: str, obs: str, ms: list, rng: random.Random) -> str | None:
-    if any(m.status == "uncertain" or m.form != "term" for m in ms):
-        return None  # "possible X" has no opposite; "heart size is normal" has no term to template
-    idx = {m.sentence_index for m in ms}
-    others = {m.sentence_index for m in _LABELER.label(text).mentions if m.observation != obs}
-    if idx & others:
-        return None  # the sentence states other facts too: a template would change them
-    term = ms[0].term
-    tpl = rng.choice(_NEGATIVE_TEMPLATES if ms[0].status == "positive" else _POSITIVE_TEMPLATES)
-    sentence = tpl.format(T=term[:1].upper() + term[1:], t=term)
-    first = min(idx)
-    return _replace_sentences(text, idx, {first: sentence})
+def _negation(text: str, obs: str, rng: random.Random) -> str | None:
+    return template_flip(text, _LABELER.label(text).mentions, obs, rng,
+                         negated=_NEGATIVE_TEMPLATES, affirmed=_POSITIVE_TEMPLATES)
 
 
 def _in_sentences(text: str, idx: set[int], rx: re.Pattern[str], fn) -> str:
@@ -281,7 +272,7 @@ def _omission(text: str, ms: list) -> str | None:
 
 def _edit(text: str, kind: str, obs: str | None, ms: list, rng: random.Random) -> str | None:
     if kind == "negation":
-        return _negation(text, obs, ms, rng)
+        return _negation(text, obs, rng)
     if kind == "laterality":
         return _laterality(text, ms)
     if kind == "severity":
