@@ -8,6 +8,7 @@ patch of the machine then hits every contender about equally, and the ratio surv
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import statistics
@@ -16,6 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,9 +57,88 @@ def spread(xs: Sequence[float]) -> float:
     return (q[2] - q[0]) / (2 * median(xs))
 
 
-def paired_ratio(num: Sequence[float], den: Sequence[float]) -> float:
-    """Median of per-repetition ratios num[i] / den[i] (each pair ran back to back)."""
-    return median([a / b for a, b in zip(num, den, strict=True)])
+@dataclass
+class Ratio:
+    """Throughput of ``ours`` over ``peer`` for the same work: the ratio of medians, with spread.
+
+    ``value`` = median(peer seconds) / median(our seconds) (same work on both sides, so this is the
+    ratio of median throughputs). The spread comes from the per-repetition ratios (repetition ``i``
+    of the two ran back to back): ``q1``-``q3`` is their inter-quartile range, ``lo``-``hi`` min-max.
+    """
+
+    value: float
+    q1: float
+    q3: float
+    lo: float
+    hi: float
+    reps: int
+
+    def __str__(self) -> str:
+        return (f"{self.value:.2f}x (per-repetition IQR {self.q1:.2f}-{self.q3:.2f}, "
+                f"min-max {self.lo:.2f}-{self.hi:.2f}, {self.reps} reps)")
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def ratio_of_medians(ours: Sequence[float], peer: Sequence[float]) -> Ratio:
+    """How many times faster ``ours`` is than ``peer``, from seconds per repetition of the same work.
+
+    The headline is the ratio of medians (never the median of ratios, which can differ from it);
+    the per-repetition ratios only give the spread.
+    """
+    per = [b / a for a, b in zip(ours, peer, strict=True)]
+    q = statistics.quantiles(per, n=4) if len(per) >= 2 else [per[0]] * 3
+    return Ratio(median(peer) / median(ours), q[0], q[2], min(per), max(per), len(per))
+
+
+def verdict(label: str, r: Ratio, target: float) -> str:
+    """The final ``RATIO`` line every benchmark prints."""
+    met = "met" if r.value >= target else "NOT met"
+    return f"RATIO {label}: {r} [target >= {target:.2f}x: {met}]"
+
+
+def write_json(path: str | Path | None, payload: dict) -> None:
+    """Write a benchmark's result (every repetition included) where ``--json`` points."""
+    if path:
+        Path(path).write_text(json.dumps(payload, indent=2, default=str), encoding="utf-8")
+        print(f"wrote {path}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Distance to the limit: a same-run GEMM peak
+# ------------------------------------------------------------------------------------------------
+
+
+def gemm_peak(shapes: Sequence[tuple[int, int, int]], dtype=None, reps: int = 5) -> float:
+    """FLOP/s of ``torch.matmul`` at the given (m, k, n) shapes, in this process's threads and dtype.
+
+    This is what the machine does on the model's own matrix shapes right now (same threads, same
+    load); a step's achieved FLOP/s over it says how close the step is to the machine's limit. The
+    best of ``reps`` timings of the whole set is taken: a peak, not a typical figure.
+    """
+    import torch
+
+    dtype = dtype or torch.float32
+    mats = [(torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)) for m, k, n in shapes]
+    flops = sum(2.0 * m * k * n for m, k, n in shapes)
+    for a, b in mats:  # warm-up: first calls pick kernels and fault pages in
+        a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for a, b in mats:
+            a @ b
+        best = min(best, time.perf_counter() - t0)
+    return flops / best
+
+
+def linear_shapes(model, tokens: int) -> list[tuple[int, int, int]]:
+    """(tokens, in, out) of every ``nn.Linear`` of ``model`` (LoRA adapters included)."""
+    import torch
+
+    return [(tokens, m.in_features, m.out_features)
+            for m in model.modules() if isinstance(m, torch.nn.Linear)]
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
