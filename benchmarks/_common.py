@@ -133,12 +133,23 @@ def gemm_peak(shapes: Sequence[tuple[int, int, int]], dtype=None, reps: int = 5)
     return flops / best
 
 
-def linear_shapes(model, tokens: int) -> list[tuple[int, int, int]]:
-    """(tokens, in, out) of every ``nn.Linear`` of ``model`` (LoRA adapters included)."""
+def linear_shapes(model, tokens: int, skip: Sequence[str] = ()) -> list[tuple[int, int, int]]:
+    """(tokens, in, out) of every ``nn.Linear`` of ``model`` whose name contains none of ``skip``
+    (e.g. ``("lora_", "lm_head")`` for the base matrices a contrastive step actually multiplies)."""
     import torch
 
-    return [(tokens, m.in_features, m.out_features)
-            for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    return [(tokens, m.in_features, m.out_features) for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and not any(k in name for k in skip)]
+
+
+def count_flops(fn: Callable[[], object]) -> float:
+    """FLOPs that ``fn`` performs (matmuls, convolutions, attention), counted by PyTorch's own
+    ``FlopCounterMode`` -- one counting rule for every contender, forward and backward."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return float(counter.get_total_flops())
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

@@ -10,9 +10,11 @@ llmclip cannot import), never imports llmclip, and talks to the parent only in n
 
 The step is llm2vec's ``experiments/run_supervised.py``: ``LLM2Vec.from_pretrained(...,
 enable_bidirectional=True)`` (its ``LlamaBiModel``), LoRA on q,k,v,o,gate,up,down via peft,
-query / positive / hard negative each through ``LLM2Vec.forward`` (mean pooling over the text after
+query / positive / hard negatives (all of a batch's, concatenated: the loss scores every query
+against every positive and negative) each through ``LLM2Vec.forward`` (mean pooling over the text after
 the instruction separator), ``HardNegativeNLLLoss`` (scale 50), backward, gradient-norm clip 1.0
-(the HF Trainer's default), AdamW. Batches are tokenised once at start by ``LLM2Vec.tokenize``
+(the HF Trainer's default), AdamW; with ``--autocast`` the forward runs under bf16 autocast, as
+the HF Trainer's ``bf16=True`` does. Batches are tokenised once at start by ``LLM2Vec.tokenize``
 (the collator's work, which runs in the data loader and is not timed on either side).
 """
 
@@ -66,6 +68,8 @@ def main() -> int:
     p.add_argument("--lora-alpha", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--scale", type=float, default=50.0)
+    p.add_argument("--lora-dropout", type=float, default=0.05)
+    p.add_argument("--autocast", action="store_true", help="bf16 autocast around the step's forward")
     args = p.parse_args()
 
     import torch
@@ -90,7 +94,7 @@ def main() -> int:
     model.model = get_peft_model(
         model.model,
         LoraConfig(
-            r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.05,
+            r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
             target_modules=LORA_TARGETS, bias="none", task_type=None,
         ),
     )  # fmt: skip
@@ -129,10 +133,11 @@ def main() -> int:
             t0 = time.perf_counter()
             # LLM2Vec.forward mutates its feature dict (attention mask -> embed mask): a fresh
             # dict per call, as the collator hands the Trainer every step.
-            q_reps = model(dict(fs[0]))
-            d_reps = model(dict(fs[1]))
-            d_neg = model(dict(fs[2]))
-            loss_t = loss_fn(q_reps, d_reps, d_neg)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.autocast):
+                q_reps = model(dict(fs[0]))
+                d_reps = model(dict(fs[1]))
+                d_neg = model(dict(fs[2]))
+                loss_t = loss_fn(q_reps.float(), d_reps.float(), d_neg.float())
             loss_t.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()

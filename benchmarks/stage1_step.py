@@ -1,26 +1,34 @@
-"""Stage-1 contrastive step, tokens/s: llmclip vs the llm2vec package's reference implementation.
+"""Stage-1 step, tokens/s: llmclip's shipped CPU recipe vs the llm2vec package, and MNTP peak memory.
 
-    python benchmarks/stage1_step.py                  # tiny Llama 4 x 256, 16 pairs (~5 min, 2 cores)
-    python benchmarks/stage1_step.py --hidden 576 --layers 8 --batch 32
+    python benchmarks/stage1_step.py                     # configs/stage1/demo.yaml, its model shape
+    python benchmarks/stage1_step.py --precision fp32    # both sides in fp32 instead of the recipe's
+    python benchmarks/stage1_step.py --zero-stage 3 --plain
 
-Both sides train LoRA (r 16, alpha 32, dropout 0.05, on q,k,v,o,gate,up,down) on the *same* tiny
-Llama (random weights from a config, real SmolLM2 tokenizer, saved once to a temporary folder),
-bidirectional attention (sdpa), mean pooling over the report tokens (instruction excluded),
-InfoNCE at scale 50 with one hard negative per query, fp32, AdamW, gradient-norm clip 1.0, on the
-same batches of real Open-I report pairs built by ``llmclip.text.pairs.build_pairs``:
+The model is the recipe's own shape (SmolLM2-135M cut to 4 layers: 576 wide, 9 heads, 3 KV heads,
+SwiGLU 1536, tied 49,152-token vocabulary, the real SmolLM2 tokenizer) with random weights, saved
+once to a temporary folder: speed does not depend on the weights' values. Both sides train the
+recipe's LoRA (r, alpha, dropout on q,k,v,o,gate,up,down) with bidirectional sdpa attention, mean
+pooling over the report tokens (instruction excluded), InfoNCE at the recipe's scale with its hard
+negatives per query, AdamW, gradient-norm clip 1.0, in the recipe's precision (``auto``: bf16
+autocast on a CPU with AMX-BF16, else fp32; the peer gets the same autocast), on the same batches of
+real Open-I report pairs built by ``llmclip.text.pairs.build_pairs``:
 
-- ``llmclip``: what ``llmclip/train.py`` runs for stage 1 on a CPU -- ``LLMEncoder.build`` +
-  ``Stage1Module`` (contrastive objective) under a DeepSpeed engine with the repo's
-  ``ds_configs/cpu_zero3.json``, on the tensors of ``llmclip.text.stage1.make_batch`` (queries and
-  documents each split into length buckets, every bucket padded only to its own longest row); the row ``llmclip (no DeepSpeed)`` is the same module with a bare
-  torch AdamW loop, to show what the engine costs on one rank;
-- ``llm2vec``: llm2vec 0.2.x's supervised step (see ``_llm2vec_peer.py``), in its own venv
+- ``llmclip``: what ``llmclip/train.py`` runs for stage 1 -- ``LLMEncoder.build`` +
+  ``Stage1Module`` (contrastive objective) under a DeepSpeed engine with the recipe's DeepSpeed JSON,
+  on the tensors of ``llmclip.text.stage1.make_batch`` (queries and documents split into length
+  buckets); ``--plain`` adds the same module in a bare torch loop (what the engine costs);
+- ``llm2vec``: llm2vec 0.2.3's supervised step (see ``_llm2vec_peer.py``), in its own venv
   (``.bench-venv/llm2vec``, created here on first use: llm2vec pins transformers 4.44), in a
   subprocess that exchanges only numbers (JSON) with this one.
 
 Tokenisation is data-loader work on both sides and is not timed. Repetitions are interleaved in
-rotating order (the peer process idles while this one runs, and the other way round); medians.
-tokens/s counts each side's own non-padding tokens of query, positive and negative.
+rotating order; the ratio is median seconds of the peer over median seconds of llmclip for the same
+pairs, i.e. the ratio of median tokens/s with the tokens counted once (llmclip's tokenizer, non-padding
+query + positive + negatives) for both. FLOPs of one llmclip step are counted by PyTorch's
+``FlopCounterMode`` and set against a same-run GEMM peak (``torch.matmul`` at the decoder's own
+linear shapes, same threads and dtype). Last, the MNTP step's peak memory (resident set above the
+step's start, each run in a fresh process) with the chunked cross-entropy vs the materialised
+logits, at the recipe's vocabulary.
 """
 
 from __future__ import annotations
@@ -48,22 +56,27 @@ PEER_PACKAGES = ["torch==2.14.1", "llm2vec==0.2.3", "transformers==4.44.2", "pef
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--hidden", type=int, default=256, help="tiny Llama width")
-    p.add_argument("--layers", type=int, default=4, help="tiny Llama depth")
-    p.add_argument("--batch", type=int, default=16, help="query/positive/negative triples per step")
-    p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--steps", type=int, default=1, help="optimizer steps per timed repetition")
-    p.add_argument("--reps", type=int, default=9)
+    p.add_argument("--config", default=str(C.REPO / "configs/stage1/demo.yaml"),
+                   help="the stage-1 recipe measured (default: the shipped CPU recipe)")
+    p.add_argument("--hidden", type=int, default=576, help="model width (recipe: SmolLM2-135M)")
+    p.add_argument("--layers", type=int, default=4, help="model depth (recipe: keep_layers 4)")
+    p.add_argument("--heads", type=int, default=9)
+    p.add_argument("--kv-heads", type=int, default=3)
+    p.add_argument("--intermediate", type=int, default=1536)
+    p.add_argument("--batch", type=int, default=0, help="triples per step (0 = the recipe's micro-batch)")
+    p.add_argument("--steps", type=int, default=2, help="optimizer steps per timed repetition")
+    p.add_argument("--reps", type=int, default=7)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=1, help=C.THREADS_HELP)
-    p.add_argument("--no-plain", action="store_true", help="skip the no-DeepSpeed llmclip row")
-    p.add_argument(
-        "--zero-stage", type=int, default=None, choices=(0, 1, 2, 3),
-        help="override the ZeRO stage of ds_configs/cpu_zero3.json (default: its 3)",
-    )  # fmt: skip
-    p.add_argument(
-        "--buckets", type=int, default=4, help="length buckets of the proposal row (0 = skip)"
-    )
+    p.add_argument("--plain", action="store_true", help="add the no-DeepSpeed llmclip row")
+    p.add_argument("--zero-stage", type=int, default=None, choices=(0, 1, 2, 3),
+                   help="override the recipe's ZeRO stage")
+    p.add_argument("--precision", default=None, choices=("auto", "fp32", "bf16", "bf16-autocast"),
+                   help="override the recipe's precision (applied to both sides)")
+    p.add_argument("--mntp-reports", type=int, default=16, help="reports of the MNTP memory step")
+    p.add_argument("--mntp-reps", type=int, default=3, help="fresh processes per MNTP variant")
+    p.add_argument("--skip-mntp", action="store_true", help="skip the MNTP memory comparison")
+    p.add_argument("--mntp-child", default="", help=argparse.SUPPRESS)
     p.add_argument("--json", default="", help="also write the results to this JSON file")
     return p.parse_args(argv)
 
@@ -95,14 +108,15 @@ def ensure_peer_venv() -> Path:
 class Peer:
     """The llm2vec step in its own process; ``run(k)`` -> seconds of each of k steps."""
 
-    def __init__(
-        self, py: Path, model: Path, batches: Path, args: argparse.Namespace, threads: int
-    ):
-        cmd = [
-            str(py), str(Path(__file__).resolve().parent / "_llm2vec_peer.py"),
-            "--model", str(model), "--batches", str(batches),
-            "--max-length", str(args.max_length), "--threads", str(threads),
-        ]  # fmt: skip
+    def __init__(self, py: Path, model: Path, batches: Path, args: argparse.Namespace, threads: int,
+                 cfg, autocast: bool):
+        lora = cfg.model.lora
+        cmd = [str(py), str(Path(__file__).resolve().parent / "_llm2vec_peer.py"),
+               "--model", str(model), "--batches", str(batches),
+               "--max-length", str(cfg.model.max_length), "--threads", str(threads),
+               "--lora-r", str(lora.r), "--lora-alpha", str(lora.alpha),
+               "--lora-dropout", str(lora.dropout), "--scale", str(cfg.stage1.contrastive_scale),
+               "--lr", str(cfg.optim.lr), *(["--autocast"] if autocast else [])]
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
         self.proc = subprocess.Popen(
             cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=C.REPO
@@ -156,24 +170,36 @@ def openi_metas(n: int, seed: int = 0) -> list[dict]:
 def step_batches(metas: list[dict], enc, obj, batch: int, steps: int) -> tuple[list, list]:
     """Per step: the pairs (for the peer) and llmclip's own ``make_batch`` tensors.
 
-    ``make_batch`` draws its pairs with ``build_pairs(metas, random.Random(seed), ...)``; the same
-    call here yields the very same pairs, so both sides train on identical texts.
+    ``make_batch`` draws its pairs with ``build_pairs(metas, random.Random(seed), H,
+    summary_share(obj, task_seed))``; the same call here yields the very same pairs (and, with the
+    recipe's ``task_batches``, the same pair type for the step), so both sides train on identical
+    texts. ``main`` checks that both tokenizers see texts of about the same length.
     """
     from llmclip.text.objectives import blank_token_id
     from llmclip.text.pairs import build_pairs
-    from llmclip.text.stage1 import make_batch
+    from llmclip.text.stage1 import make_batch, summary_share
 
     blank = blank_token_id(enc.tokenizer)
     pairs, batches = [], []
     for i in range(steps):
         group = metas[i * batch : (i + 1) * batch]
         seed = 1000 + i
-        p = build_pairs(group, random.Random(seed), obj.hard_negatives, obj.summary_fraction)
+        p = build_pairs(group, random.Random(seed), obj.hard_negatives, summary_share(obj, seed))
         if len(p) != batch:
             raise RuntimeError(f"expected {batch} pairs, got {len(p)}")
         pairs.append(p)
         batches.append(make_batch("contrastive", group, enc, obj, seed, blank, task_seed=seed))
     return pairs, batches
+
+
+def peer_tokens(peer_batches: list[dict], tokenizer) -> list[int]:
+    """Tokens of each peer batch's texts (instruction + query, positive, negatives) by llmclip's
+    tokenizer: a check that both sides got the same texts."""
+    def n(t: str) -> int:
+        return len(tokenizer(t)["input_ids"])
+
+    return [sum(n(f"{i} {q}") for i, q in zip(b["instruction"], b["query"], strict=True))
+            + sum(n(t) for t in b["pos"] + b["neg"]) for b in peer_batches]
 
 
 def token_counts(b: dict) -> tuple[int, int]:
@@ -183,23 +209,30 @@ def token_counts(b: dict) -> tuple[int, int]:
 
 
 def stage1_config(args: argparse.Namespace, model_dir: Path, out: Path):
-    from llmclip.config import DeepSpeedSection, OptimConfig, RunConfig
-    from llmclip.text.encoder import LoraSection, ModelConfig
-    from llmclip.text.stage1 import ObjectiveConfig, Stage1Config
+    """The recipe of ``--config`` with the model folder, output and any overrides swapped in."""
+    from llmclip.config import load_config
+    from llmclip.text.stage1 import Stage1Config
 
-    return Stage1Config(
-        run=RunConfig(out_dir=str(out), tensorboard=False),
-        model=ModelConfig(
-            source=str(model_dir), max_length=args.max_length, attention="sdpa", pooling="mean",
-            lora=LoraSection(r=16, alpha=32, dropout=0.05),
-        ),
-        stage1=ObjectiveConfig(contrastive_scale=50.0, hard_negatives=1),
-        optim=OptimConfig(lr=1e-4, weight_decay=0.0, warmup_steps=0, max_steps=10_000),
-        deepspeed=DeepSpeedSection(
-            config=str(C.REPO / "ds_configs/cpu_zero3.json"), micro_batch_size=args.batch,
-            precision="fp32", zero_stage=args.zero_stage,
-        ),
-    )  # fmt: skip
+    cfg = load_config(Stage1Config, args.config)
+    cfg.run.out_dir, cfg.run.tensorboard = str(out), False
+    cfg.model.source, cfg.model.keep_layers = str(model_dir), 0
+    cfg.model.attention = "sdpa"
+    cfg.optim.warmup_steps, cfg.optim.max_steps = 0, 10_000
+    if not Path(cfg.deepspeed.config).is_absolute():
+        cfg.deepspeed.config = str(C.REPO / cfg.deepspeed.config)
+    if args.zero_stage is not None:
+        cfg.deepspeed.zero_stage = args.zero_stage
+    if args.precision:
+        cfg.deepspeed.precision = args.precision
+    if args.batch:
+        cfg.deepspeed.micro_batch_size = args.batch
+    return cfg
+
+
+def autocast(cfg) -> bool:
+    from llmclip.text.stage1 import precision
+
+    return precision(cfg.deepspeed) == "bf16-autocast"
 
 
 class LLMClipEngineStep:
@@ -217,9 +250,11 @@ class LLMClipEngineStep:
         hf_ds = None
         if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
             hf_ds = HfDeepSpeedConfig(ds_config)  # noqa: F841  (alive while loading, as in run())
+        from llmclip.text.stage1 import use_bf16
+
         torch.manual_seed(0)
-        self.encoder = LLMEncoder.build(cfg.model, torch.float32)
-        module = Stage1Module(self.encoder, cfg.stage1)
+        self.encoder = LLMEncoder.build(cfg.model, torch.bfloat16 if use_bf16(cfg.deepspeed) else torch.float32)
+        module = Stage1Module(self.encoder, cfg.stage1, autocast=autocast(cfg))
         opt = torch.optim.AdamW(
             param_groups(module, cfg.optim.weight_decay), lr=cfg.optim.lr,
             betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
@@ -251,7 +286,7 @@ class LLMClipPlainStep:
 
         torch.manual_seed(0)
         self.encoder = LLMEncoder.build(cfg.model, torch.float32)
-        self.module = Stage1Module(self.encoder, cfg.stage1).train()
+        self.module = Stage1Module(self.encoder, cfg.stage1, autocast=autocast(cfg)).train()
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(
             param_groups(self.module, cfg.optim.weight_decay), lr=cfg.optim.lr,
@@ -271,97 +306,158 @@ class LLMClipPlainStep:
 # ------------------------------------------------------------------------------------------------
 
 
+def model_spec(args: argparse.Namespace):
+    from llmclip.text.sources import TinyLlamaSpec
+
+    return TinyLlamaSpec(hidden_size=args.hidden, num_hidden_layers=args.layers,
+                         num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+                         intermediate_size=args.intermediate)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    os.chdir(C.REPO)
     C.offline_hub()
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    if args.mntp_child:
+        return mntp_child(args)
     py = ensure_peer_venv()
     threads = C.set_threads(args.threads)
     k = args.steps
 
-    from llmclip.text.sources import TinyLlamaSpec, build_tiny_llama
+    from llmclip.text.sources import build_tiny_llama
+    from llmclip.text.stage1 import precision
 
-    spec = TinyLlamaSpec(
-        hidden_size=args.hidden, num_hidden_layers=args.layers,
-        num_attention_heads=max(1, args.hidden // 64), num_key_value_heads=max(1, args.hidden // 128),
-        intermediate_size=max(64, args.hidden * 5 // 2 // 64 * 64),
-    )  # fmt: skip
-    metas = openi_metas(args.batch * k)
     with tempfile.TemporaryDirectory(prefix="llmclip-bench-s1-") as tmp:
         work = Path(tmp)
-        model_dir = build_tiny_llama(spec, str(work / "models"))
+        model_dir = build_tiny_llama(model_spec(args), str(work / "models"))
         cfg = stage1_config(args, model_dir, work / "run")
+        batch, mode = cfg.deepspeed.micro_batch_size, precision(cfg.deepspeed)
+        metas = openi_metas(batch * k)
         instr = cfg.stage1.instructions
-        plain = None if args.no_plain else LLMClipPlainStep(cfg)
+        plain = LLMClipPlainStep(cfg) if args.plain else None
         ours = LLMClipEngineStep(cfg)
-        groups, batches = step_batches(metas, ours.encoder, cfg.stage1, args.batch, k)
+        zero = ours.engine.zero_optimization_stage()
+        groups, batches = step_batches(metas, ours.encoder, cfg.stage1, batch, k)
         vocab = len(ours.encoder.tokenizer)
         C.set_threads(args.threads)  # DeepSpeed's CPU accelerator may have changed it
         counts = [token_counts(b) for b in batches]
-        real, padded = [c[0] for c in counts], [c[1] for c in counts]
-        peer_batches = [
-            {
-                "query": [p.query for p in g],
-                "instruction": [instr[p.kind] for p in g],
-                "pos": [p.positive for p in g],
-                "neg": [p.negatives[0] for p in g],
-            }
-            for g in groups
-        ]
+        real, padded = sum(c[0] for c in counts), sum(c[1] for c in counts)
+        peer_batches = [{"query": [p.query for p in g], "instruction": [instr[p.kind] for p in g],
+                         "pos": [p.positive for p in g], "neg": [n for p in g for n in p.negatives]}
+                        for g in groups]
+        # Same texts on both sides: the two tokenizers' counts differ only by special tokens.
+        for c, theirs in zip(counts, peer_tokens(peer_batches, ours.encoder.tokenizer), strict=True):
+            if abs(c[0] - theirs) > 0.05 * c[0]:
+                raise RuntimeError(f"llmclip and the peer see different texts: {c[0]} vs {theirs} tokens")
         (work / "batches.json").write_text(json.dumps(peer_batches), encoding="utf-8")
-        peer = Peer(py, model_dir, work / "batches.json", args, threads)
+        peer = Peer(py, model_dir, work / "batches.json", args, threads, cfg, mode == "bf16-autocast")
         try:
-
-            def run_ours() -> None:
-                for b in batches:
-                    ours.step(b)
-
-            def run_plain() -> None:
-                for b in batches:
-                    plain.step(b)
-
-            runners = {"llmclip": run_ours, "llm2vec": lambda: peer.run(k)}
+            runners = {"llmclip": lambda: [ours.step(b) for b in batches], "llm2vec": lambda: peer.run(k)}
             if plain is not None:
-                runners["llmclip (no DeepSpeed)"] = run_plain
+                runners["llmclip (no DeepSpeed)"] = lambda: [plain.step(b) for b in batches]
             times = C.interleaved(runners, reps=args.reps, warmup=args.warmup)
             # The peer times its steps itself (no pipe latency); use those seconds.
-            times["llm2vec"] = peer.seconds[-args.reps :]
+            times["llm2vec"] = peer.seconds[-args.reps:]
+            flops = C.count_flops(lambda: [ours.step(b) for b in batches])
+            rows_per_forward = padded // (k * 5)  # 2 query + 3 document length buckets per step
+            dtype = torch.float32 if mode == "fp32" else torch.bfloat16
+            shapes = C.linear_shapes(ours.encoder.decoder, rows_per_forward, skip=("lora_", "lm_head"))
+            peak = C.gemm_peak(shapes, dtype)
             trainable = sum(p.numel() for p in ours.encoder.parameters() if p.requires_grad)
             losses = {"llmclip": ours.loss, "llm2vec": peer.loss}
         finally:
             peer.close()
 
-    tokens = {"llmclip": sum(real), "llmclip (no DeepSpeed)": sum(real)}
-    tokens["llm2vec"] = sum(peer.info["real_tokens"])
-    pads = {"llmclip": sum(padded), "llmclip (no DeepSpeed)": sum(padded)}
-    pads["llm2vec"] = sum(peer.info["padded_tokens"])
-    base_tok = tokens["llm2vec"] / C.median(times["llm2vec"])
     rows = []
     for name, ts in times.items():
         med = C.median(ts)
-        rows.append([
-            name, k / med, tokens[name] / med, f"{100 * tokens[name] / pads[name]:.0f}%",
-            f"±{100 * C.spread(ts):.0f}%", (tokens[name] / med) / base_tok,
-        ])  # fmt: skip
-    print(
-        f"stage-1 contrastive step: tiny Llama {args.layers} x {args.hidden} "
-        f"(vocab {vocab}), LoRA r16 ({trainable / 1e6:.2f}M trainable), batch {args.batch} "
-        f"triples, <= {args.max_length} tokens, fp32, {threads} threads, {args.reps} reps x {k} steps"
-    )
-    print(f"peer: llm2vec in {VENV.relative_to(C.REPO)} ({peer.info['versions']})")
-    print(C.table(["contender", "steps/s", "tokens/s", "real/padded", "noise", "vs llm2vec"], rows))
+        rows.append([name, k / med, real / med, f"±{100 * C.spread(ts):.0f}%",
+                     C.median(times["llm2vec"]) / med])
+    print(f"stage-1 contrastive step, recipe {Path(args.config).name}: Llama {args.layers} x "
+          f"{args.hidden} (vocab {vocab}), LoRA r{cfg.model.lora.r} ({trainable / 1e6:.2f}M "
+          f"trainable), {batch} queries x (1 + {cfg.stage1.hard_negatives}) documents, <= "
+          f"{cfg.model.max_length} tokens, {mode}, ZeRO-{zero}, {threads} threads, {args.reps} reps "
+          f"x {k} steps; {real} real tokens per repetition ({100 * real / padded:.0f}% of padded)")
+    print(f"peer: llm2vec in {VENV.relative_to(C.REPO)} ({peer.info['versions']}); its own "
+          f"tokenizer counts {sum(peer.info['real_tokens'][:k])} real tokens for the same pairs")
+    print(C.table(["contender", "steps/s", "tokens/s", "noise", "vs llm2vec"], rows))
     print(f"final losses: llmclip {losses['llmclip']:.3f}, llm2vec {losses['llm2vec']:.3f}")
-    ratio = C.paired_ratio(
-        [t / tokens["llm2vec"] for t in times["llm2vec"]],
-        [t / tokens["llmclip"] for t in times["llmclip"]],
-    )
-    result = {"benchmark": "stage1_step", "args": vars(args), "threads": threads,
-              "median_s": {n: C.median(v) for n, v in times.items()}, "tokens": tokens,
-              "ratio_tokens_per_s_vs_llm2vec": ratio}  # fmt: skip
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2), encoding="utf-8")
-    print(f"RATIO llmclip stage-1 step vs llm2vec: {ratio:.2f}x tokens/s [target >= 1.0x]")
+    achieved = flops / C.median(times["llmclip"])
+    print(f"llmclip step: {flops / k / 1e9:.1f} GFLOP per step (FlopCounterMode), "
+          f"{achieved / 1e9:.1f} GFLOP/s = {100 * achieved / peak:.0f}% of the same-run "
+          f"{str(dtype).split('.')[-1]} GEMM peak at the decoder's shapes ({peak / 1e9:.1f} GFLOP/s)")
+    ratio = C.ratio_of_medians(times["llmclip"], times["llm2vec"])
+    result = {"benchmark": "stage1_step", "args": vars(args), "threads": threads, "precision": mode,
+              "zero_stage": zero, "seconds": times, "real_tokens_per_rep": real,
+              "padded_tokens_per_rep": padded, "peer_real_tokens": peer.info["real_tokens"][:k],
+              "ratio_tokens_per_s_vs_llm2vec": ratio.as_dict(), "flops_per_rep": flops,
+              "gemm_peak_flops": peak, "gemm_fraction": achieved / peak}
+    if not args.skip_mntp:
+        result["mntp_memory"] = mntp_memory(args)
+    C.write_json(args.json, result)
+    print(C.verdict("llmclip stage-1 recipe vs llm2vec 0.2.3 (tokens/s)", ratio, 1.3))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# MNTP peak memory: chunked cross-entropy vs materialised logits
+# ------------------------------------------------------------------------------------------------
+
+
+def mntp_memory(args: argparse.Namespace) -> dict:
+    """Peak resident memory of one MNTP step above its start, each variant in fresh processes
+    (interleaved, ``--mntp-reps`` each), at the recipe's vocabulary."""
+    base = [sys.executable, __file__, "--config", args.config, "--hidden", str(args.hidden),
+            "--layers", str(args.layers), "--heads", str(args.heads), "--kv-heads",
+            str(args.kv_heads), "--intermediate", str(args.intermediate), "--threads",
+            str(args.threads), "--mntp-reports", str(args.mntp_reports)]
+    if args.precision:
+        base += ["--precision", args.precision]
+    peaks: dict[str, list[float]] = {"chunked": [], "materialised": []}
+    info = {}
+    for _ in range(args.mntp_reps):
+        for variant in peaks:
+            out = subprocess.run([*base, "--mntp-child", variant], check=True, text=True,
+                                 capture_output=True, cwd=C.REPO).stdout
+            rec = json.loads(out.strip().splitlines()[-1])
+            peaks[variant].append(rec["step_peak_mib"])
+            info = rec
+    chunk, full = C.median(peaks["chunked"]), C.median(peaks["materialised"])
+    print(f"MNTP step, {args.mntp_reports} reports, vocab {info['vocab']}, {info['rows']} blanked "
+          f"tokens ({info['precision']}): peak memory above the step's start, median of "
+          f"{args.mntp_reps} fresh processes: chunked {chunk:.0f} MiB vs materialised logits "
+          f"{full:.0f} MiB = {chunk / full:.2f} [target <= 0.50: {'met' if chunk <= full / 2 else 'NOT met'}]")
+    return {"step_peak_mib": peaks, "ratio": chunk / full, **info}
+
+
+def mntp_child(args: argparse.Namespace) -> int:
+    """One MNTP forward + backward in this fresh process; prints its peak RSS above the start."""
+    import gc
+
+    from llmclip.text.objectives import blank_token_id
+    from llmclip.text.sources import build_tiny_llama
+    from llmclip.text.stage1 import make_batch, precision
+
+    C.set_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="llmclip-bench-mntp-") as tmp:
+        model_dir = build_tiny_llama(model_spec(args), str(Path(tmp) / "models"))
+        cfg = stage1_config(args, model_dir, Path(tmp) / "run")
+        if args.mntp_child == "materialised":
+            cfg.stage1.mntp_chunk_mib = 0.0
+        step = LLMClipPlainStep(cfg)
+        enc = step.encoder
+        metas = openi_metas(args.mntp_reports)
+        b = make_batch("mntp", metas, enc, cfg.stage1, 0, blank_token_id(enc.tokenizer), 0)
+        gc.collect()
+        sampler = C.TreeRSS(os.getpid(), interval=0.001)
+        time_start = sampler.proc.memory_info().rss
+        out = step.module(**b)
+        out["loss"].backward()
+        peak = sampler.stop()
+    print(json.dumps({"step_peak_mib": (peak - time_start) / 2**20, "vocab": len(enc.tokenizer),
+                      "rows": int((b["labels"] != -100).sum()), "precision": precision(cfg.deepspeed)}))
     return 0
 
 

@@ -55,16 +55,79 @@ def mntp_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor, blank_id: i
     return masked, labels
 
 
-def mntp_loss(states: torch.Tensor, lm_head: torch.nn.Module, labels: torch.Tensor) -> torch.Tensor:
+def mntp_loss(states: torch.Tensor, lm_head: torch.nn.Module, labels: torch.Tensor,
+              chunk_mib: float = 32.0) -> torch.Tensor:
     """Cross-entropy of token ``i`` predicted from the state at ``i - 1``, over blanked tokens only.
 
     Only the selected states go through the LM head: the vocabulary projection is the largest matmul
-    of a small model and ~80% of its rows would be thrown away.
+    of a small model and ~80% of its rows would be thrown away. With ``chunk_mib > 0`` the logits are
+    never materialised for all rows at once (``chunked_linear_cross_entropy``); 0 = one plain
+    ``lm_head`` + ``F.cross_entropy`` (what the chunked loss is tested and benchmarked against).
     """
     target = labels[:, 1:]
     sel = target != IGNORE
-    logits = lm_head(states[:, :-1][sel]).float()
-    return F.cross_entropy(logits, target[sel])
+    hidden = states[:, :-1][sel]
+    if chunk_mib <= 0 or getattr(lm_head, "bias", None) is not None:
+        return F.cross_entropy(lm_head(hidden).float(), target[sel])
+    weight = lm_head.weight
+    rows = max(1, int(chunk_mib * 2**20 // (4 * weight.shape[0])))  # fp32 logits of `rows` tokens
+    if hasattr(weight, "ds_id"):  # ZeRO-3 partitions the head; gather it for this call only
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([weight]):
+            return chunked_linear_cross_entropy(hidden, weight, target[sel], rows)
+    return chunked_linear_cross_entropy(hidden, weight, target[sel], rows)
+
+
+def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                                 chunk_rows: int) -> torch.Tensor:
+    """``F.cross_entropy(hidden @ weight.T, target)`` (mean) without ever holding all the logits.
+
+    hidden [N, D], weight [V, D] (an LM head without bias), target [N]. Rows are processed
+    ``chunk_rows`` at a time and each chunk's gradient (softmax - one-hot) is folded into the input
+    and weight gradients right away, in the forward: autograd then keeps two gradients of the inputs'
+    own size instead of the [N, V] logits and their softmax, so peak memory no longer grows with the
+    vocabulary (at 49K-128K vocabularies the logits are the largest tensor of an MNTP step). This is
+    the CPU/any-device path; on CUDA with liger-kernel the fused Triton version does the same.
+    """
+    return _ChunkedLinearCE.apply(hidden, weight, target, chunk_rows, torch.is_grad_enabled())
+
+
+class _ChunkedLinearCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                chunk_rows: int, grad_enabled: bool) -> torch.Tensor:
+        n = hidden.shape[0]
+        # (grad mode is off inside forward; the caller's mode says whether a backward can follow)
+        want_h = grad_enabled and ctx.needs_input_grad[0]
+        want_w = grad_enabled and ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(hidden) if want_h else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_w else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for s in range(0, n, chunk_rows):
+            h, t = hidden[s:s + chunk_rows], target[s:s + chunk_rows]
+            logits = (h @ weight.t()).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            if want_h or want_w:
+                # d(mean CE)/d(logits) = (softmax - onehot) / N, computed in place over the chunk
+                p = logits.sub_(lse[:, None]).exp_()
+                p[torch.arange(p.shape[0], device=p.device), t] -= 1.0
+                p.div_(max(n, 1))
+                if want_h:
+                    grad_h[s:s + chunk_rows] = (p.to(weight.dtype) @ weight).to(hidden.dtype)
+                if want_w:
+                    grad_w.addmm_(p.t(), h.float())
+        ctx.save_for_backward(grad_h if want_h else None, grad_w if want_w else None)
+        ctx.weight_dtype = weight.dtype
+        return total / max(n, 1)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
+        gw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
+        return gh, gw, None, None, None
 
 
 def contrastive_loss(query: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor,

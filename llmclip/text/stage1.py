@@ -23,7 +23,14 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from llmclip.config import ConfigError, DeepSpeedSection, OptimConfig, RunConfig, to_dict
+from llmclip.config import (
+    ConfigError,
+    DeepSpeedSection,
+    OptimConfig,
+    RunConfig,
+    resolve_precision,
+    to_dict,
+)
 from llmclip.text.encoder import LLMEncoder, ModelConfig
 from llmclip.text.pairs import INSTRUCTIONS, build_pairs, report_text, text_id
 
@@ -54,6 +61,8 @@ class ObjectiveConfig:
     """Optimizer steps of MNTP before the contrastive steps start."""
     mntp_mask_prob: float = 0.2
     """Share of report tokens blanked for MNTP."""
+    mntp_chunk_mib: float = 32.0
+    """MiB of fp32 logits per chunk of the MNTP cross-entropy (0 = materialise all the logits)."""
     contrastive_scale: float = 50.0
     """Cosine similarity is multiplied by this before the softmax (inverse temperature)."""
     hard_negatives: int = 1
@@ -70,6 +79,8 @@ class ObjectiveConfig:
     def validate(self) -> None:
         if self.mntp_steps < 0:
             raise ConfigError("must be >= 0", "mntp_steps")
+        if self.mntp_chunk_mib < 0:
+            raise ConfigError("must be >= 0 (0 = no chunking)", "mntp_chunk_mib")
         if not 0 < self.mntp_mask_prob < 1:
             raise ConfigError("must be in (0, 1)", "mntp_mask_prob")
         if not self.contrastive_scale > 0:
@@ -111,8 +122,13 @@ class Stage1Config:
 
 
 # ------------------------------------------------------------------------------------ DeepSpeed
+def precision(ds: DeepSpeedSection) -> str:
+    """``bf16``, ``fp32`` or ``bf16-autocast`` (see ``config.resolve_precision``)."""
+    return resolve_precision(ds.precision, torch.cuda.is_available())
+
+
 def use_bf16(ds: DeepSpeedSection) -> bool:
-    return ds.precision == "bf16" or (ds.precision == "auto" and torch.cuda.is_available())
+    return precision(ds) == "bf16"
 
 
 def deepspeed_config(cfg: Stage1Config, world_size: int) -> dict[str, Any]:
@@ -182,18 +198,25 @@ class Stage1Module(nn.Module):
     """What DeepSpeed wraps: the encoder plus both objectives, so every parameter fetch under
     ZeRO-3 happens inside one ``forward``."""
 
-    def __init__(self, encoder: LLMEncoder, obj: ObjectiveConfig):
+    def __init__(self, encoder: LLMEncoder, obj: ObjectiveConfig, autocast: bool = False):
         super().__init__()
         self.encoder = encoder
         self.obj = obj
+        self.autocast = autocast  # bf16 matmuls, fp32 weights and optimizer (bf16-autocast)
 
     def forward(self, kind: str, **batch: torch.Tensor) -> dict[str, Any]:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=self.autocast):
+            return self._forward(kind, **batch)
+
+    def _forward(self, kind: str, **batch: torch.Tensor) -> dict[str, Any]:
         from llmclip.text.objectives import contrastive_loss, mntp_loss
 
         enc = self.encoder
         if kind == "mntp":
             states = enc.hidden_states(batch["input_ids"], batch["attention_mask"])
-            return {"loss": mntp_loss(states, enc.lm_head, batch["labels"]), "metrics": {}}
+            loss = mntp_loss(states, enc.lm_head, batch["labels"], self.obj.mntp_chunk_mib)
+            return {"loss": loss, "metrics": {}}
         q = enc.embed_buckets(batch["queries"])
         docs = enc.embed_buckets(batch["docs"])
         b = q.shape[0]
@@ -360,10 +383,11 @@ def run(cfg: Stage1Config) -> int:
         hf_ds = HfDeepSpeedConfig(ds_config)  # must stay alive while from_pretrained runs  # noqa: F841
     torch.manual_seed(cfg.run.seed)
     encoder = LLMEncoder.build(cfg.model, dtype)
-    module = Stage1Module(encoder, cfg.stage1)
+    mode = precision(cfg.deepspeed)
+    module = Stage1Module(encoder, cfg.stage1, autocast=mode == "bf16-autocast")
     n_train = sum(p.numel() for p in module.parameters() if p.requires_grad)
     log.info("trainable parameters: %d; precision %s; ZeRO stage %s; world %d", n_train,
-             "bf16" if bf16 else "fp32", ds_config["zero_optimization"].get("stage"), env.world_size)
+             mode, ds_config["zero_optimization"].get("stage"), env.world_size)
     optimizer = torch.optim.AdamW(param_groups(module, cfg.optim.weight_decay), lr=cfg.optim.lr,
                                   betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim))
