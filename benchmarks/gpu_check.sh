@@ -1,22 +1,28 @@
 #!/usr/bin/env bash
-# One prepared GPU check for one H200 (or any CUDA GPU), under 8 minutes, one JSON:
-#   1. the flash-attention path of the encoder is bidirectional, masks padding, equals sdpa (bf16);
-#   2. stage-1 QLoRA contrastive steps of a randomly initialised llama3-8b-shaped model
-#      (NF4 + LoRA r16 + gradient checkpointing, DeepSpeed ZeRO-3): tokens/s, MFU, peak memory,
-#      next to `llmclip plan`'s estimate for the same recipe;
-#   3. stage-2 steps of ViT-B/16 at 224 px on cached 4096-d embeddings (ZeRO-2 bf16): images/s.
+# One prepared GPU check for one H200 (or any CUDA GPU), under 10 minutes (9-minute limit), one JSON:
+#   1. attention: eager vs SDPA forced to its math / flash / memory-efficient kernel vs
+#      flash_attention_2 (when flash-attn is installed), bidirectional hidden states, bf16; each
+#      implementation is bidirectional and masks padding; a causal-vs-bidirectional control;
+#   2. kernels: Liger RMSNorm + SwiGLU + RoPE patched model vs plain (fp32, bf16, NF4 + LoRA: hidden
+#      states, loss, gradients); Liger fused linear cross-entropy and the chunked MNTP loss vs
+#      F.cross_entropy. Every pair is passed / failed / skipped (reason), never a silent pass;
+#   3. stage-1 QLoRA contrastive steps of a randomly initialised llama3-8b-shaped model
+#      (NF4 + LoRA r16 + gradient checkpointing + Liger + fused SDPA, DeepSpeed ZeRO-3): tokens/s,
+#      MFU against the 40% target, peak memory next to `llmclip plan`'s estimate for the same recipe;
+#   4. stage-2 steps of ViT-B/16 at 224 px on cached 4096-d embeddings (ZeRO-2 bf16): images/s.
 # Output: benchmarks/results/gpu-check-<date>-<gpu>.json (commit it with the date and GPU name).
 #
 #   bash benchmarks/gpu_check.sh                 # on the GPU machine, from the repo root
 #   bash benchmarks/gpu_check.sh --cpu-smoke     # the same Python on tiny sizes, on a CPU
 #   PYTHON=/path/to/python bash benchmarks/gpu_check.sh --checks attention,stage2
 #
-# Needs the project installed in .venv (`make install`; flash-attn via `pip install -e '.[gpu]'`),
+# Needs the project installed in .venv (`make install`; flash-attn and liger-kernel via
+# `pip install -e '.[gpu]'`; a missing one is reported as skipped, not passed),
 # ~20 GB free disk for the random 8B checkpoint (in $TMPDIR or --workdir), and no network.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-.venv/bin/python}"
-LIMIT_S="${GPU_CHECK_LIMIT_S:-470}"
+LIMIT_S="${GPU_CHECK_LIMIT_S:-540}"
 
 if [[ ! -x "$PY" ]]; then
   echo "gpu_check: no Python at $PY; run 'make install' first or set PYTHON=" >&2

@@ -100,6 +100,15 @@ def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(out, dim=0)
 
 
+def all_reduce_max(n: int, device: torch.device | str = "cpu") -> int:
+    """The largest ``n`` over all ranks (e.g. how many chunks every rank must run)."""
+    if world_size() == 1:
+        return n
+    t = torch.tensor([n], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()

@@ -71,6 +71,8 @@ class ModelConfig:
     """``nf4`` = bitsandbytes 4-bit NF4 base weights (QLoRA), storage dtype = training dtype."""
     attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
     """Attention kernel; ``auto`` = flash_attention_2 when flash-attn and CUDA are present, else sdpa."""
+    kernels: Literal["auto", "none", "liger"] = "auto"
+    """Fused Liger RMSNorm/SwiGLU/RoPE; ``auto`` = when CUDA + liger-kernel are present, ``liger`` = required."""
     keep_layers: int = 0
     """Use only the first N decoder layers (small CPU recipes); 0 = all."""
     max_length: int = 512
@@ -112,6 +114,10 @@ class ModelConfig:
             if not torch.cuda.is_available() or not is_flash_attn_2_available():
                 raise ConfigError("flash_attention_2 needs CUDA and the flash-attn package; "
                                   "use attention: auto or sdpa on this machine", "attention")
+        if self.kernels != "auto":
+            from llmclip.text.kernels import check_kernels_choice
+
+            check_kernels_choice(self.kernels)
 
 
 def pick_attention(requested: str) -> str:
@@ -282,9 +288,10 @@ class LLMEncoder(nn.Module):
         lengths = [len(ids) for ids in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
         order = sorted(range(len(texts)), key=lambda i: -lengths[i])
         out = torch.empty((len(texts), self.dim), dtype=torch.float32)
+        extra = self.tokenize([""], instruction)["input_ids"].shape[1] - 1  # prefix + suffix
         batches, start = [], 0
         while start < len(order):
-            longest = min(lengths[order[start]] + 16, self.max_length)
+            longest = min(lengths[order[start]] + extra, self.max_length)
             size = max(1, batch_tokens // max(1, longest))
             batches.append(order[start : start + size])
             start += size
@@ -332,6 +339,10 @@ class LLMEncoder(nn.Module):
             trust_remote_code=False, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(src, trust_remote_code=False)
         make_bidirectional(lm)
+        if cfg.kernels != "none":  # before peft: patches this instance's norms, MLPs and RoPE only
+            from llmclip.text.kernels import apply_liger
+
+            apply_liger(lm, required=cfg.kernels == "liger")
         lm.config.use_cache = False
         if cfg.gradient_checkpointing:
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -403,7 +414,7 @@ class LLMEncoder(nn.Module):
 
 
 def _split_points(lengths: list[int], k: int) -> list[int]:
-    """Cut points of sorted ``lengths`` into at most ``k`` groups minimising sum(len(group) * max)."""
+    """Cut points of sorted ``lengths`` into min(k, n) groups minimising sum(len(group) * max)."""
     n = len(lengths)
     if n == 0:
         return []
@@ -419,7 +430,9 @@ def _split_points(lengths: list[int], k: int) -> list[int]:
                 cost = best[j - 1][a] + (i - a) * lengths[i - 1]
                 if cost < best[j][i]:
                     best[j][i], back[j][i] = cost, a
-    j = min(range(1, k + 1), key=lambda g: best[g][n])
+    # Exactly min(k, n) groups, even where fewer would pad as little: every rank of a ZeRO-3 run
+    # must run the same number of forwards (each one gathers the weights collectively).
+    j = k
     cuts, i = [], n
     while j > 1:
         i = back[j][i]

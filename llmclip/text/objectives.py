@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from llmclip.distributed import all_gather_no_grad, all_gather_with_grad, rank
+from llmclip.distributed import all_gather_no_grad, all_gather_with_grad, all_reduce_max, rank
 
 IGNORE = -100
 
@@ -70,13 +70,35 @@ def mntp_loss(states: torch.Tensor, lm_head: torch.nn.Module, labels: torch.Tens
     if chunk_mib <= 0 or getattr(lm_head, "bias", None) is not None:
         return F.cross_entropy(lm_head(hidden).float(), target[sel])
     weight = lm_head.weight
-    rows = max(1, int(chunk_mib * 2**20 // (4 * weight.shape[0])))  # fp32 logits of `rows` tokens
-    if hasattr(weight, "ds_id"):  # ZeRO-3 partitions the head; gather it for this call only
-        import deepspeed
+    vocab = int(getattr(weight, "ds_shape", weight.shape)[0])
+    rows = max(1, int(chunk_mib * 2**20 // (4 * vocab)))  # fp32 logits of `rows` tokens
+    if hasattr(weight, "ds_id"):
+        # ZeRO-3 owns the (often tied) head weight and fetches it through the module's hooks; each
+        # chunk calls the module and is recomputed in the backward (one more head matmul per chunk).
+        return _checkpointed_chunks(hidden, lm_head, target[sel], rows)
+    if hidden.is_cuda:  # Liger's fused Triton kernel when installed (None otherwise)
+        from llmclip.text.kernels import fused_linear_cross_entropy
 
-        with deepspeed.zero.GatheredParameters([weight]):
-            return chunked_linear_cross_entropy(hidden, weight, target[sel], rows)
+        fused = fused_linear_cross_entropy(hidden, weight, target[sel])
+        if fused is not None:
+            return fused
     return chunked_linear_cross_entropy(hidden, weight, target[sel], rows)
+
+
+def _checkpointed_chunks(hidden: torch.Tensor, lm_head: torch.nn.Module, target: torch.Tensor,
+                         rows: int) -> torch.Tensor:
+    from torch.utils.checkpoint import checkpoint
+
+    def chunk_sum(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(lm_head(h).float(), t, reduction="sum")
+
+    n = hidden.shape[0]
+    # The same number of head calls on every rank (each gathers the weight collectively): as many
+    # chunks as the rank with the most blanked tokens needs; the others run empty ones.
+    most = all_reduce_max(n, hidden.device)
+    total = sum(checkpoint(chunk_sum, hidden[s:s + rows], target[s:s + rows], use_reentrant=False)
+                for s in range(0, max(most, 1), rows))
+    return total / max(n, 1)
 
 
 def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,

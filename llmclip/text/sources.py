@@ -53,12 +53,16 @@ class TinyLlamaSpec:
     """SwiGLU inner width."""
     seed: int = 0
     """Seed of the random initial weights."""
+    vocab_size: int = 0
+    """Embedding rows; 0 = the tokenizer's (49,152). Larger = a bigger vocabulary's LM-head cost."""
 
     def validate(self) -> None:
         for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                      "intermediate_size"):
             if getattr(self, name) < 1:
                 raise ConfigError("must be >= 1", name)
+        if self.vocab_size < 0:
+            raise ConfigError("must be >= 0 (0 = the tokenizer's size)", "vocab_size")
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError("hidden_size must be divisible by num_attention_heads", "hidden_size")
         if self.num_attention_heads % self.num_key_value_heads:
@@ -148,7 +152,7 @@ def build_tiny_llama(spec: TinyLlamaSpec, cache_dir: str | None = None) -> Path:
 
     tok = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir(cache_dir))
     config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
+        vocab_size=max(spec.vocab_size, len(tok)), hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
         num_hidden_layers=spec.num_hidden_layers, num_attention_heads=spec.num_attention_heads,
         num_key_value_heads=spec.num_key_value_heads, max_position_embeddings=2048,
         tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,

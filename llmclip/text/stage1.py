@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from llmclip.config import (
     ConfigError,
@@ -210,12 +211,16 @@ class Stage1Module(nn.Module):
             return self._forward(kind, **batch)
 
     def _forward(self, kind: str, **batch: torch.Tensor) -> dict[str, Any]:
-        from llmclip.text.objectives import contrastive_loss, mntp_loss
+        from llmclip.text.objectives import IGNORE, contrastive_loss, mntp_loss
 
         enc = self.encoder
-        if kind == "mntp":
-            states = enc.hidden_states(batch["input_ids"], batch["attention_mask"])
-            loss = mntp_loss(states, enc.lm_head, batch["labels"], self.obj.mntp_chunk_mib)
+        if kind == "mntp":  # one forward per length bucket; the head sees the blanked rows of all
+            b = batch["buckets"]
+            states = [enc.hidden_states(i, a) for i, a in zip(b["input_ids"], b["attention_mask"], strict=True)]
+            width = max(x.shape[1] for x in states)
+            states = torch.cat([F.pad(x, (0, 0, 0, width - x.shape[1])) for x in states])
+            labels = torch.cat([F.pad(x, (0, width - x.shape[1]), value=IGNORE) for x in b["labels"]])
+            loss = mntp_loss(states, enc.lm_head, labels, self.obj.mntp_chunk_mib)
             return {"loss": loss, "metrics": {}}
         q = enc.embed_buckets(batch["queries"])
         docs = enc.embed_buckets(batch["docs"])
@@ -245,10 +250,15 @@ def make_batch(kind: str, metas: list[dict[str, Any]], enc: LLMEncoder, obj: Obj
     from llmclip.text.objectives import mntp_mask
 
     if kind == "mntp":
-        t = enc.tokenize([report_text(m) for m in metas])
+        # Length buckets, as for the contrastive pairs: a report batch padded to its longest row
+        # spends about half its activations (time and memory) on padding.
+        t = enc.tokenize_buckets([report_text(m) for m in metas], buckets=3)
         gen = torch.Generator().manual_seed(seed)
-        ids, labels = mntp_mask(t["input_ids"], t["attention_mask"], blank_id, obj.mntp_mask_prob, gen)
-        return {"kind": "mntp", "input_ids": ids, "attention_mask": t["attention_mask"], "labels": labels}
+        masked = [mntp_mask(i, a, blank_id, obj.mntp_mask_prob, gen)
+                  for i, a in zip(t["input_ids"], t["attention_mask"], strict=True)]
+        return {"kind": "mntp", "buckets": {"input_ids": [m[0] for m in masked],
+                                            "attention_mask": t["attention_mask"],
+                                            "labels": [m[1] for m in masked]}}
     rng = random.Random(seed)
     pairs = build_pairs(metas, rng, obj.hard_negatives, summary_share(obj, task_seed))
     return {
@@ -354,6 +364,7 @@ def run(cfg: Stage1Config) -> int:
     from llmclip.distributed import all_gather_no_grad, barrier, init_distributed
     from llmclip.faults import inject_nonfinite
     from llmclip.text.export import export_final
+    from llmclip.text.kernels import attention_backends
     from llmclip.text.objectives import blank_token_id
     from llmclip.text.sources import resolve_source
     from llmclip.text.stream import ReportStream
@@ -433,13 +444,15 @@ def run(cfg: Stage1Config) -> int:
             task_seed = step_seed(cfg.run.seed, step, 0, micro)
             batch = _to(make_batch(kind, metas, encoder, cfg.stage1, seed, blank_id, task_seed), device)
             torch.manual_seed(seed)  # dropout: same draws whether or not the run was resumed
-            outp = engine(**batch)
+            with attention_backends(device, allow_math=True):  # fused SDPA kernels first on CUDA
+                outp = engine(**batch)
             loss = inject_nonfinite(outp["loss"], step + 1, env.rank)  # tests/faults only
             bad = torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0], device=device)
             if all_gather_no_grad(bad).sum().item() > 0:
                 skip = True
                 break
-            engine.backward(loss)
+            with attention_backends(device, allow_math=True):  # checkpointing recomputes attention
+                engine.backward(loss)
             engine.step()
             losses.append(loss.detach().float())
             metrics = outp["metrics"]

@@ -144,3 +144,30 @@ def test_mntp_loss_chunked_matches_plain_with_a_frozen_head():
     (g_chunk,) = torch.autograd.grad(chunked, states)
     torch.testing.assert_close(chunked, plain)
     torch.testing.assert_close(g_chunk, g_plain)
+
+
+def test_checkpointed_chunks_match_plain():
+    """The ZeRO-3 path (the head called per chunk, recomputed in the backward) equals the plain loss."""
+    from llmclip.text.objectives import _checkpointed_chunks
+
+    g = torch.Generator().manual_seed(2)
+    head = torch.nn.Linear(16, 301, bias=False)
+    h = torch.randn(50, 16, generator=g, requires_grad=True)
+    t = torch.randint(0, 301, (50,), generator=g)
+    ref = torch.nn.functional.cross_entropy(head(h), t)
+    refs = torch.autograd.grad(ref, (h, head.weight))
+    out = _checkpointed_chunks(h, head, t, rows=7)
+    outs = torch.autograd.grad(out, (h, head.weight))
+    torch.testing.assert_close(out, ref)
+    for a, b in zip(outs, refs, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_length_buckets_are_as_many_on_every_rank():
+    """ZeRO-3 gathers weights in every forward: ranks must run equally many bucket forwards, even
+    where a rank's lengths are all equal (one group would pad as little)."""
+    from llmclip.text.encoder import _split_points
+
+    assert len(_split_points([7, 7, 7, 7], 3)) == 2  # 3 groups
+    assert len(_split_points([3, 5, 8, 40, 41], 3)) == 2
+    assert _split_points([9, 9], 3) == [1]  # min(k, n) groups
