@@ -108,26 +108,39 @@ class GraphFeaturizer:
         """Padded batch: labels/status/types [B, N], mask [B, N], adj [B, R, N, N] (both directions)."""
         parts = [self._parts(k, t) for k, t in zip(keys, texts, strict=True)]
         b, n, r = len(parts), self.cfg.max_nodes, len(RELATIONS)
-        labels = torch.zeros(b, n, dtype=torch.long)
-        status = torch.zeros(b, n, dtype=torch.long)
-        types = torch.zeros(b, n, dtype=torch.long)
-        mask = torch.zeros(b, n, dtype=torch.bool)
-        adj = torch.zeros(b, r, n, n)
-        for i, (nodes, edges) in enumerate(parts):
-            for j, (lab, st, ty) in enumerate(nodes):
-                labels[i, j], status[i, j], types[i, j], mask[i, j] = lab, st, ty, True
-            for src, dst, rel in edges:
-                adj[i, rel, src, dst] = 1.0
-                adj[i, rel, dst, src] = 1.0
-        return {"labels": labels, "status": status, "types": types, "mask": mask, "adj": adj}
+        # Scattered once per batch from flat index arrays (one tensor write per sample per node and
+        # edge cost more than the GCN itself at demo sizes).
+        none = [np.zeros((0, 3), dtype=np.int64)]  # keeps an empty batch well-formed
+        nodes = [np.asarray(v, dtype=np.int64).reshape(-1, 3) for v, _ in parts] + none
+        node_row = np.concatenate([np.full(len(v), i) for i, v in enumerate(nodes)])
+        node_col = np.concatenate([np.arange(len(v)) for v in nodes])
+        node_val = np.concatenate(nodes)
+        ids = np.zeros((3, b, n), dtype=np.int64)
+        ids[:, node_row, node_col] = node_val.T
+        mask = np.zeros((b, n), dtype=bool)
+        mask[node_row, node_col] = True
+        adj = np.zeros((b, r, n, n), dtype=np.float32)
+        edges = [np.asarray(e, dtype=np.int64).reshape(-1, 3) for _, e in parts] + none
+        edge_row = np.concatenate([np.full(len(e), i) for i, e in enumerate(edges)])
+        src, dst, rel = np.concatenate(edges).T
+        adj[edge_row, rel, src, dst] = 1.0
+        adj[edge_row, rel, dst, src] = 1.0
+        labels, status, types = (torch.from_numpy(a) for a in ids)
+        return {
+            "labels": labels,
+            "status": status,
+            "types": types,
+            "mask": torch.from_numpy(mask),
+            "adj": torch.from_numpy(adj),
+        }
 
     def node_sets(self, keys: Sequence[str], texts: Sequence[str]) -> torch.Tensor:
         """[B, node_set_size] multi-hot of (entity, status) pairs, for the g term of soft labels."""
-        out = torch.zeros(len(keys), self.node_set_size)
+        out = np.zeros((len(keys), self.node_set_size), dtype=np.float32)
         for i, (k, t) in enumerate(zip(keys, texts, strict=True)):
-            for lab, st, _ in self._parts(k, t)[0][1:]:
-                out[i, node_slot(lab, st)] = 1.0
-        return out
+            entities = self._parts(k, t)[0][1:]
+            out[i, [node_slot(lab, st) for lab, st, _ in entities]] = 1.0
+        return torch.from_numpy(out)
 
 
 def cache_rows(cache: EmbeddingCache, shards: Sequence[str], keys: Sequence[str]) -> np.ndarray:

@@ -39,7 +39,7 @@ from llmclip.clip.stage2 import (
     augment,
     build_ds_config,
     lr_factor,
-    param_groups,
+    make_optimizer,
 )
 from llmclip.config import ConfigError, to_dict
 from llmclip.distributed import init_distributed
@@ -120,6 +120,7 @@ class ShardStream:
 class Stage2Trainer:
     def __init__(self, cfg: Stage2Config):
         import deepspeed
+        from deepspeed.accelerator import get_accelerator
 
         from llmclip.clinical import CHEXPERT_CLASSES
         from llmclip.data.shards import resolve_shards
@@ -155,10 +156,7 @@ class Stage2Trainer:
             cfg.loss.soft_labels.enabled and cfg.loss.soft_labels.weight_graph > 0
         )
         self.graphs = GraphFeaturizer(cfg.model.graph) if need_graph else None
-        groups = param_groups(self.model, cfg.optim)
-        opt = torch.optim.AdamW(
-            groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps
-        )
+        opt = make_optimizer(self.model, cfg.optim, get_accelerator().device_name())
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.optim))
         self.ds_config = build_ds_config(cfg, self.env.world_size)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
