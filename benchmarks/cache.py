@@ -1,28 +1,51 @@
-"""Cache builder vs the naive extractor: reports/s with the same encoder on real Open-I reports.
+"""Cache builder vs sentence-transformers ``encode()``: reports/s, same decoder, real Open-I reports.
 
-The naive peer is how LLM2CLIP's extraction script embeds captions: samples in shard order, fixed
-batches of 32, each padded to its longest text, one forward per batch. The builder is
-``llmclip.cache_build.build_cache``: every shard's texts sorted by length, token-budget batches,
-sidecars written atomically. Both read the same Open-I text shards (the 3,955 real reports shipped
-in torchxrayvision, their real length distribution), run the same loaded encoder with the same
-threads, and embed the report column; the script checks they agree and prints the ratio.
+Both sides embed the report column (findings + impression) of the Open-I text shards: the 3,955
+real reports shipped in torchxrayvision (3,927 have a findings or impression section), 256 per
+shard, their real token lengths. Same decoder weights (SmolLM2-135M, first 4 layers, by default),
+tokenizer, max length (512), compute dtype and torch threads on both sides; both mean-pool the same
+tokens (the report tokens of ``[bos] report``: the BOS state is left out of the mean).
 
-    python benchmarks/cache.py                         # tiny test encoder (2-layer Llama)
-    python benchmarks/cache.py --model smollm2 --keep-layers 8 --reports 1000
-    python benchmarks/cache.py --encoder runs/stage1/demo/final
+- **llmclip** (ours): ``llmclip.cache_build.build_cache``, the function ``llmclip cache build`` runs
+  on every rank, into a fresh folder: read the text shards, collect each shard's distinct texts,
+  sort them by token length, encode them in token-budget batches
+  (``LLMEncoder.encode``: 2048 tokens at most on a CPU), write the ``.emb.npy`` + ``.keys.json``
+  sidecars and ``meta.json``. All of that is timed.
+- **sentence-transformers** (peer): ``SentenceTransformer([Transformer(decoder folder),
+  Pooling(mean, include_prompt=False)]).encode(texts, prompt=BOS, batch_size=32)`` (its own
+  length sort and batching) on exactly the texts the builder encodes (the distinct texts, already
+  in memory); sentence-transformers loads the decoder itself from the saved folder, as plain text
+  (no chat template), made bidirectional as ``LLMEncoder.from_dir`` makes it. Only ``encode()`` is
+  timed: no shard read, no file written.
+
+Repetitions are interleaved (rotating order); the headline is the ratio of median reports/s. The
+embeddings of the two sides are compared (max relative difference, min cosine). Achieved FLOP/s
+count the forward FLOPs of the real tokens (per layer 2 x linear weights x tokens + 4 x t^2 x
+heads x head_dim of attention, the same count for both sides; no LM head runs on either side) over a
+same-run GEMM peak at the decoder's own linear shapes, in the same threads and dtype.
+
+    python benchmarks/cache.py                           # SmolLM2-135M, 4 layers, bf16, 5 reps
+    python benchmarks/cache.py --precision fp32 --reps 3
+    python benchmarks/cache.py --model tiny --reports 512 --reps 2   # quick check
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-NAIVE_BATCH = 32
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def openi_text_shards(work: Path, reports: int | None) -> Path:
@@ -38,8 +61,9 @@ def openi_text_shards(work: Path, reports: int | None) -> Path:
     return out
 
 
-def untrained_encoder_dir(work: Path, model: str, keep_layers: int) -> Path:
-    """An encoder dir of an untrained model (``tiny`` = the test encoder's shape, or SmolLM2-135M)."""
+def encoder_dir(work: Path, model: str, keep_layers: int) -> Path:
+    """An encoder dir of a pretrained decoder without stage-1 training (``smollm2`` = the real
+    SmolLM2-135M weights, first ``keep_layers`` layers; ``tiny`` = the test encoder's shape)."""
     from llmclip.text.encoder import LLMEncoder, ModelConfig
     from llmclip.text.export import save_encoder_dir
 
@@ -49,64 +73,83 @@ def untrained_encoder_dir(work: Path, model: str, keep_layers: int) -> Path:
     source = {"tiny": "tiny:llama", "smollm2": "asset:smollm2-135m"}[model]
     cfg = ModelConfig(source=source, keep_layers=keep_layers, max_length=512)
     enc = LLMEncoder.build(cfg, torch.float32, lora=False)
-    return save_encoder_dir(
-        out,
-        enc.decoder,
-        enc.tokenizer,
-        enc.pooler,
-        pooling="mean",
-        max_length=cfg.max_length,
-        dtype="float32",
+    return save_encoder_dir(out, enc.decoder, enc.tokenizer, enc.pooler, pooling="mean",
+                            max_length=cfg.max_length, dtype="float32")
+
+
+def sentence_transformer(enc_dir: Path, enc, dtype: torch.dtype):
+    """sentence-transformers over the saved decoder folder: plain-text input (no chat template),
+    mean pooling without the prompt, the prompt being llmclip's BOS prefix."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.base.modules import Transformer
+    from sentence_transformers.sentence_transformer.modules import Pooling
+
+    from llmclip.text.encoder import make_bidirectional
+
+    class BosPromptTransformer(Transformer):
+        # ST measures a prompt without its trailing special token, so a prompt that *is* the BOS
+        # token counts 0 tokens and Pooling(include_prompt=False) would average the BOS state in.
+        def _get_prompt_length(self, prompt, **kwargs):
+            n = super()._get_prompt_length(prompt, **kwargs)
+            return 1 if prompt == self.tokenizer.bos_token else n
+
+    tr = BosPromptTransformer(
+        str(enc_dir / "model"),
+        tokenizer_name_or_path=str(enc_dir / "tokenizer"),
+        max_seq_length=enc.max_length,
+        model_kwargs={"dtype": dtype, "attn_implementation": enc.decoder.config._attn_implementation},
+        modality_config={"text": {"method": "forward", "method_output_name": "last_hidden_state"}},
+        module_output_name="token_embeddings",
     )
+    make_bidirectional(tr.auto_model)  # as LLMEncoder.from_dir loads the same folder
+    pool = Pooling(enc.dim, pooling_mode="mean", include_prompt=False)
+    return SentenceTransformer(modules=[tr, pool], device="cpu")
 
 
-def naive_extract(enc, shards) -> tuple[dict[str, np.ndarray], float, int, int, int]:
-    """(rows per shard, seconds, reports, real tokens, padded tokens) of fixed batches of 32."""
-    from llmclip.cache_build import read_reports
-
-    out, n, real, padded = {}, 0, 0, 0
-    device = next(enc.parameters()).device
-    start = time.perf_counter()
-    for s in shards:
-        texts = [r["full"].strip() for _, r in read_reports(s.path)]
-        rows = []
-        for i in range(0, len(texts), NAIVE_BATCH):
-            batch = enc.tokenize(
-                texts[i : i + NAIVE_BATCH], getattr(enc, "instruction", None), device=device
-            )
-            with torch.inference_mode():
-                rows.append(enc(**batch).float().cpu().numpy())
-            real += int(batch["attention_mask"].sum())
-            padded += batch["attention_mask"].numel()
-        out[s.name] = np.concatenate(rows)
-        n += len(texts)
-    return out, time.perf_counter() - start, n, real, padded
+def forward_flops(decoder, lengths: list[int]) -> float:
+    """Forward FLOPs of the decoder on sequences of these real lengths (no padding counted)."""
+    cfg = decoder.config
+    layers = int(cfg.num_hidden_layers)
+    per_layer = sum(m.weight.numel() for m in decoder.layers[0].modules()
+                    if isinstance(m, torch.nn.Linear))
+    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+    width = int(cfg.num_attention_heads) * head_dim
+    t = np.asarray(lengths, dtype=np.float64)
+    return float(layers * (2.0 * per_layer * t.sum() + 4.0 * width * (t**2).sum()))
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument(
-        "--encoder", default=None, help="an encoder dir (default: build an untrained --model)"
-    )
-    p.add_argument(
-        "--model", default="tiny", choices=["tiny", "smollm2"], help="untrained model to build"
-    )
-    p.add_argument("--keep-layers", type=int, default=0, help="first N layers of --model (0 = all)")
-    p.add_argument(
-        "--reports", type=int, default=None, help="first N Open-I reports (default: all)"
-    )
-    p.add_argument("--batch-tokens", type=int, default=4096, help="builder token budget")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
-    p.add_argument("--repeat", type=int, default=2, help="runs of each, best time kept")
-    p.add_argument(
-        "--work", default=".assets/bench-cache", help="folder for shards/encoders/caches"
-    )
+    p.add_argument("--encoder", default=None, help="an encoder dir (default: build --model)")
+    p.add_argument("--model", default="smollm2", choices=["tiny", "smollm2"])
+    p.add_argument("--keep-layers", type=int, default=None,
+                   help="first N layers of --model (0 = all; default 4 of SmolLM2's 30, tiny: all)")
+    p.add_argument("--reports", type=int, default=None, help="first N Open-I reports (default all)")
+    p.add_argument("--precision", default="bf16", choices=list(DTYPES),
+                   help="compute dtype of both sides (the builder's --precision)")
+    p.add_argument("--batch-tokens", type=int, default=8192,
+                   help="builder token budget (`llmclip cache build` default; capped on a CPU)")
+    p.add_argument("--compile", action="store_true",
+                   help="builder with BuildOptions(compile=True): torch.compile'd decoder (the "
+                   "compile is warm-up, timed apart; sentence-transformers stays eager)")
+    p.add_argument("--st-batch", type=int, default=32, help="encode() batch_size (ST default)")
+    p.add_argument("--threads", type=int, default=1, help=C.THREADS_HELP)
+    p.add_argument("--reps", type=int, default=5, help="interleaved repetitions")
+    p.add_argument("--work", default=".assets/bench-cache", help="shards/encoders/caches folder")
+    p.add_argument("--json", default=None, help="write every repetition here")
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    C.offline_hub()
+    threads = C.set_threads(args.threads)
+    dtype = DTYPES[args.precision]
 
     from llmclip.cache import EmbeddingCache
-    from llmclip.cache_build import BuildOptions, build_cache, read_reports
+    from llmclip.cache_build import (
+        CPU_BATCH_TOKENS,
+        VARIANTS,
+        BuildOptions,
+        build_cache,
+        read_reports,
+    )
     from llmclip.data.shards import resolve_shards
     from llmclip.text.encoder import LLMEncoder
 
@@ -114,60 +157,95 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     shards_dir = openi_text_shards(work, args.reports)
     shards = resolve_shards(str(shards_dir), "text")
-    enc_dir = (
-        Path(args.encoder)
-        if args.encoder
-        else untrained_encoder_dir(work, args.model, args.keep_layers)
-    )
-    enc = LLMEncoder.from_dir(enc_dir)
-    enc.encode(["warm up the kernels", "and the tokenizer"])
-    texts = [r["full"] for s in shards for _, r in read_reports(s.path)]
-    lengths = [len(ids) for ids in enc.tokenizer(texts, add_special_tokens=False)["input_ids"]]
-    print(
-        f"encoder {enc_dir} (dim {enc.dim}, {sum(p.numel() for p in enc.parameters()) / 1e6:.1f}M params), "
-        f"threads {torch.get_num_threads()}"
-    )
-    print(
-        f"Open-I reports: {len(lengths)} in {len(shards)} shards; tokens per report: median "
-        f"{int(np.median(lengths))}, p90 {int(np.percentile(lengths, 90))}, max {max(lengths)}"
-    )
+    if args.keep_layers is None:
+        args.keep_layers = 4 if args.model == "smollm2" else 0
+    enc_dir = Path(args.encoder) if args.encoder else encoder_dir(work, args.model, args.keep_layers)
+    enc = LLMEncoder.from_dir(enc_dir, dtype=dtype)
+    st = sentence_transformer(enc_dir, enc, dtype)
+    bos = enc.tokenizer.bos_token
 
-    best_b, best_n = float("inf"), float("inf")
-    for _ in range(args.repeat):
-        cache_dir = work / "cache"
-        shutil.rmtree(cache_dir, ignore_errors=True)
-        res = build_cache(
-            BuildOptions(
-                encoder=str(enc_dir),
-                shards=str(shards_dir),
-                out=str(cache_dir),
-                variants=["report"],
-                batch_tokens=args.batch_tokens,
-                progress=False,
-            ),
-            encoder=enc,
-        )
-        best_b = min(best_b, res.seconds)
-        naive, secs, n, real, padded = naive_extract(enc, shards)
-        best_n = min(best_n, secs)
-    cache = EmbeddingCache(cache_dir)
-    diff = max(
-        float(np.abs(cache.array(k)[:, 0].astype(np.float32) - v).max() / (np.abs(v).max() + 1e-12))
-        for k, v in naive.items()
-    )
-    b_rate, n_rate = res.reports / best_b, n / best_n
-    print(
-        f"naive (batches of {NAIVE_BATCH} in shard order, padded to longest): {n_rate:8.1f} reports/s "
-        f"({best_n:.2f} s, {real / padded:.0%} of processed tokens are real)"
-    )
-    print(
-        f"llmclip cache build (length-sorted, {args.batch_tokens}-token batches): {b_rate:8.1f} reports/s "
-        f"({best_b:.2f} s, sidecars written)"
-    )
-    print(
-        f"ratio builder/naive: {b_rate / n_rate:.2f}x   (max relative difference of the embeddings "
-        f"{diff:.1e}, fp16 storage)"
-    )
+    # The builder encodes each shard's distinct texts once; the peer gets exactly those texts.
+    keys, texts, n_reports = {}, [], 0
+    for s in shards:
+        keys[s.name] = [(k, VARIANTS["report"](r)) for k, r in read_reports(s.path)]
+        n_reports += len(keys[s.name])
+        texts += list(dict.fromkeys(t for _, t in keys[s.name]))
+    bodies = enc.tokenizer(texts, add_special_tokens=False)["input_ids"]
+    lengths = [min(len(b) + 1, enc.max_length) for b in bodies]  # + BOS, truncated like both sides
+    flops = forward_flops(enc.decoder, lengths)
+    n_params = sum(q.numel() for q in enc.parameters())
+    print(f"encoder {enc_dir} ({n_params / 1e6:.1f}M params, {enc.decoder.config.num_hidden_layers} "
+          f"layers, dim {enc.dim}), {args.precision}, {threads} thread(s), "
+          f"{torch.backends.cpu.get_cpu_capability()}")
+    print(f"Open-I: {n_reports} reports in {len(shards)} shards, {len(texts)} distinct texts "
+          f"encoded per build; tokens per text: median {int(np.median(lengths))}, p90 "
+          f"{int(np.percentile(lengths, 90))}, max {max(lengths)}; {flops / 1e12:.2f} TFLOP per build")
+
+    root = work / "cache-runs"
+    shutil.rmtree(root, ignore_errors=True)
+    runs = iter(range(10**6))
+    out: dict[str, object] = {}
+
+    def builder() -> None:
+        folder = root / f"run-{next(runs)}"
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stderr(quiet):  # per-shard lines
+            build_cache(BuildOptions(encoder=str(enc_dir), shards=str(shards_dir), out=str(folder),
+                                     variants=["report"], batch_tokens=args.batch_tokens,
+                                     precision=args.precision, compile=args.compile,
+                                     progress=False), encoder=enc)
+        out["cache"] = folder
+
+    def peer() -> None:
+        out["st"] = st.encode(texts, prompt=bos, batch_size=args.st_batch, convert_to_numpy=True)
+
+    enc.encode(texts[:8])  # warm-up: kernels, tokenizer, page faults (both sides, untimed)
+    st.encode(texts[:8], prompt=bos, batch_size=args.st_batch)
+    compile_s = None
+    if args.compile:  # compiles once per process: a whole build, untimed, timed apart
+        t0 = time.perf_counter()
+        builder()
+        compile_s = time.perf_counter() - t0
+        print(f"builder warm-up build with torch.compile: {compile_s:.1f} s (excluded)")
+    names = {"llmclip": "llmclip cache build" + (" (compiled)" if args.compile else ""),
+             "st": "sentence-transformers encode()"}
+    times = C.interleaved({"llmclip": builder, "st": peer}, reps=args.reps, warmup=0)
+
+    # Agreement: the cache's fp16 rows against the peer's embeddings of the same texts.
+    cache = EmbeddingCache(out["cache"])
+    row = {t: i for i, t in enumerate(texts)}
+    st_emb = np.asarray(out["st"], dtype=np.float32)
+    ours = np.concatenate([cache.array(n)[:, 0].astype(np.float32) for n in keys])
+    theirs = st_emb[[row[t] for n in keys for _, t in keys[n]]]
+    diff = float(np.abs(ours - theirs).max() / np.abs(theirs).max())
+    cos = float(np.min((ours * theirs).sum(1) / (np.linalg.norm(ours, axis=1)
+                                                   * np.linalg.norm(theirs, axis=1))))
+    shutil.rmtree(root, ignore_errors=True)
+
+    budget = min(args.batch_tokens, CPU_BATCH_TOKENS)
+    peak = C.gemm_peak(C.linear_shapes(enc.decoder, budget), dtype)
+    rows, stats = [], {}
+    for k, label in names.items():
+        sec = C.median(times[k])
+        stats[k] = {"seconds": times[k], "reports_per_s": [n_reports / x for x in times[k]],
+                    "median_reports_per_s": n_reports / sec, "flop_per_s": flops / sec,
+                    "peak_fraction": flops / sec / peak}
+        rows.append([label, n_reports / sec, f"±{C.spread(times[k]):.0%}", sec,
+                     flops / sec / 1e9, f"{flops / sec / peak:.0%}"])
+    print(C.table(["side", "reports/s", "spread", "median s", "GFLOP/s", "of GEMM peak"], rows))
+    print(f"GEMM peak at the decoder's linear shapes ({budget} tokens, {args.precision}, "
+          f"{threads} thread(s)): {peak / 1e9:.1f} GFLOP/s")
+    print(f"llmclip: build_cache(variants=report, batch_tokens={args.batch_tokens} -> {budget} "
+          f"on CPU), shards read + sidecars written; sentence-transformers: encode("
+          f"batch_size={args.st_batch}) of the same {len(texts)} texts, nothing read or written")
+    print(f"embeddings agree: max relative difference {diff:.1e} (fp16 cache rows vs "
+          f"{args.precision} ST), min cosine {cos:.5f}")
+    r = C.ratio_of_medians(times["llmclip"], times["st"])
+    C.write_json(args.json, {
+        "args": vars(args), "threads": threads, "encoder": str(enc_dir), "reports": n_reports,
+        "texts": len(texts), "flops_per_build": flops, "gemm_peak": peak, "gemm_tokens": budget,
+        "compile_warmup_s": compile_s, "max_rel_diff": diff, "min_cosine": cos, "sides": stats, "ratio": r.as_dict(),
+    })
+    print(C.verdict("cache builder vs sentence-transformers encode()", r, 1.3))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 Rank r of W encodes whole shards ``i % W == r`` under any launcher (plain, ``deepspeed``,
 ``torchrun``, ``srun``), reading the text-only shards (no pixels). A shard's distinct texts (all
-variants) are sorted by length and encoded in token-budget batches under ``torch.inference_mode``.
+variants) are sorted by length and encoded in token-budget batches (at most ``CPU_BATCH_TOKENS`` on a
+CPU) under ``torch.inference_mode``, optionally through a ``torch.compile``'d decoder.
 Each sidecar is written under a temp name and renamed when complete, so a killed run leaves nothing
 that is read; the rerun skips complete sidecars and redoes the rest. No collective is needed: whichever
 rank finds every shard complete writes ``meta.json`` (the same bytes from any rank, atomic rename),
@@ -43,6 +44,9 @@ MAX_MEMBER_BYTES = 16 << 20  # a report json larger than this is not a report
 # Texts per encode() call: enough for the encoder to form several full token-budget batches from a
 # length-sorted run, small enough that the progress bar moves.
 CHUNK_TOKENS_FACTOR = 8
+# Largest batch on a CPU: past ~2048 tokens a layer's activations leave the cache (SmolLM2 on
+# Open-I, one core: 2048-token batches 1.5x faster than 8192, in bf16 and in fp32).
+CPU_BATCH_TOKENS = 2048
 
 
 # ----------------------------------------------------------------------------------------------
@@ -171,13 +175,16 @@ class BuildOptions:
     """Text columns per sample: report, negated, laterality (one finding's side changed),
     severity (one finding's grade changed), impression, findings."""
     batch_tokens: int = 8192
-    """Token budget of one encoder batch (padded tokens)."""
+    """Token budget of one encoder batch (padded tokens); at most ``CPU_BATCH_TOKENS`` on a CPU."""
     dtype: str = "fp16"
     """Storage dtype of the sidecars: fp16 or fp32."""
     instruction: str | None = None
     """Instruction prepended to every text; None = the encoder's own."""
     precision: str = "auto"
     """Encoder compute dtype: auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32."""
+    compile: bool = False
+    """``torch.compile`` the decoder (dynamic shapes) for this build: one compile per process (~30 s
+    for SmolLM2 on one CPU core), then ~1.3x faster CPU forwards in bf16."""
     overwrite: bool = False
     """Replace a cache of another identity in ``out`` instead of refusing."""
     progress: bool = True
@@ -398,6 +405,9 @@ def build_cache(opts: BuildOptions, encoder: Any = None) -> BuildResult:
         opts.dtype,
     )
     _check_folder(out, ident, {s.name for s in mine}, set(names), opts.overwrite, env.is_main)
+    first = next(iter(getattr(encoder, "parameters", list)()), None)  # CPU: smaller batches
+    cpu = first is not None and first.device.type == "cpu"
+    batch_tokens = min(opts.batch_tokens, CPU_BATCH_TOKENS) if cpu else opts.batch_tokens
 
     todo = []
     skipped = []
@@ -409,20 +419,28 @@ def build_cache(opts: BuildOptions, encoder: Any = None) -> BuildResult:
             todo.append(s)
     pbar = _progress(sum(s.count for s in todo), env.rank, opts.progress and bool(todo))
     start, reports = time.perf_counter(), 0
-    for s in todo:
-        for stale in out.glob(f"{s.name}.*.tmp"):  # left by a killed run
-            stale.unlink(missing_ok=True)
-        keys, emb = encode_shard(
-            encoder, s.path, opts.variants, instruction, opts.batch_tokens, opts.dtype, pbar
-        )
-        if len(keys) != s.count:
-            raise ConfigError(
-                f"{s.path} holds {len(keys)} samples, its manifest says {s.count}: "
-                "run `llmclip shards verify`"
+    lm = encoder.lm if opts.compile and todo else None
+    if lm is not None:  # a caller's encoder is handed back uncompiled (finally below)
+        encoder.lm = torch.compile(lm, dynamic=True)
+    try:
+        for s in todo:
+            for stale in out.glob(f"{s.name}.*.tmp"):  # left by a killed run
+                stale.unlink(missing_ok=True)
+            keys, emb = encode_shard(
+                encoder, s.path, opts.variants, instruction, batch_tokens, opts.dtype, pbar
             )
-        write_sidecar(out, s.name, keys, emb, ident, getattr(s, "sha256", None))
-        reports += len(keys)
-        tqdm.write(f"cache rank {env.rank}: wrote {s.name} ({len(keys)} reports)", file=sys.stderr)
+            if len(keys) != s.count:
+                raise ConfigError(
+                    f"{s.path} holds {len(keys)} samples, its manifest says {s.count}: "
+                    "run `llmclip shards verify`"
+                )
+            write_sidecar(out, s.name, keys, emb, ident, getattr(s, "sha256", None))
+            reports += len(keys)
+            tqdm.write(f"cache rank {env.rank}: wrote {s.name} ({len(keys)} reports)",
+                       file=sys.stderr)
+    finally:
+        if lm is not None:
+            encoder.lm = lm
     pbar.close()
     seconds = time.perf_counter() - start
     return BuildResult(

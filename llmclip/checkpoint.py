@@ -145,11 +145,27 @@ def _ensure_state(engine: Any, keys: list[str], step: float) -> None:
         link()
 
 
+def _relink_zero12_state(engine: Any) -> None:
+    """Point every ZeRO-1/2 parameter fragment at its Adam moments again.
+
+    DeepSpeed links fragments to optimizer state once, right after the *first parameter group's*
+    first step; with two groups (decay / no decay) the second group's state did not exist yet, and
+    reading it raised "exp_avg not found in optimizer state fragment" at the first checkpoint.
+    Linking is idempotent, so it is redone before every read.
+    """
+    opt = engine.optimizer
+    link = getattr(opt, "_lazy_init_hp_params_optimizer_state", None)
+    if callable(link) and hasattr(opt, "_hp_optimizer_states_linked") and opt.optimizer.state:
+        opt._hp_optimizer_states_linked = False
+        link()
+
+
 def _optimizer_tensors(engine: Any, params: list[tuple[str, nn.Parameter]]) -> dict[str, Any]:
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     inner = _inner_optimizer(engine)
     keys = _moment_keys(inner)
+    _relink_zero12_state(engine)
     out: dict[str, dict[str, torch.Tensor]] = {}
     for name, p in params:
         entry: dict[str, torch.Tensor] = {}

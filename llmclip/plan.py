@@ -12,7 +12,8 @@ The estimate is a sum of named terms, each printed, so a user sees *why* a recip
   ``s*b*h``, SwiGLU gate/up/act/product ``4*s*b*I``, and without flash-attention/sdpa the scores and
   probabilities ``2*a*s^2*b``; gradient checkpointing keeps each layer's input ``s*b*h`` plus one
   layer recomputed (the same accounting as Korthikanti et al. 2022, adapted to SwiGLU and GQA);
-- MNTP logits ``s*b*V`` in ``dtype`` and their fp32 softmax (stage 1 only);
+- MNTP logits: one chunk of the chunked loss (``s*b*V`` in ``dtype`` and their fp32 softmax when
+  materialised, ``--mntp-chunk-mib 0``; stage 1 only);
 - a fixed runtime overhead (CUDA context, NCCL buffers, allocator fragmentation).
 
 Step time is FLOPs / (peak x MFU): ``6*N*tokens`` for training (``8*N`` with checkpointing, one
@@ -101,6 +102,8 @@ class PlanInput:
     """Flash-attention (no s^2 attention matrix kept)."""
     mntp: bool = True
     """Include the MNTP head's logits (stage 1)."""
+    mntp_chunk_mib: float = 32.0
+    """The MNTP loss's logits chunk (stage1.mntp_chunk_mib); 0 = all positions' logits materialised."""
     keep_layers: int = 0
     """Use only the first N decoder layers (0 = all)."""
     gpu_type: str = "h200"
@@ -128,6 +131,8 @@ class PlanInput:
         for name in ("gpus", "nodes", "seq", "micro_batch"):
             if getattr(self, name) < 1:
                 raise ConfigError("must be >= 1", name)
+        if self.mntp_chunk_mib < 0:
+            raise ConfigError("must be >= 0 (0 = materialised logits)", "mntp_chunk_mib")
         if not 0 < self.mfu <= 1:
             raise ConfigError("must be in (0, 1]", "mfu")
         if self.quant == "nf4" and self.lora_r == 0:
@@ -174,8 +179,15 @@ def plan_stage1(p: PlanInput) -> dict[str, float]:
         out_dims = 2 * h + 2 * kv + 2 * shape.intermediate + h
         every_layer = not p.grad_ckpt or p.gpu_type == "cpu"
         acts += (layers if every_layer else 1) * s * b * out_dims * dtype_b
-    # The LM-head loss keeps logits, a shifted copy, fp32 log-probs and their gradient: 4 copies.
-    logits = s * b * shape.vocab * max(dtype_b, 4) * 4 if p.mntp else 0.0
+    # Materialised, an LM-head loss keeps logits, a shifted copy, fp32 log-probs and their gradient
+    # (4 copies over every position). Chunked (llmclip's MNTP loss), one chunk of fp32 logits and its
+    # 16-bit matmul output exist at a time, plus the gradient of the blanked rows' states.
+    if not p.mntp:
+        logits = 0.0
+    elif p.mntp_chunk_mib > 0:
+        logits = p.mntp_chunk_mib * 2**20 * (1 + dtype_b / 4) + 0.2 * s * b * h * 4
+    else:
+        logits = s * b * shape.vocab * max(dtype_b, 4) * 4
     terms = {
         "base_weights_gib": (base + gathered) / GiB,
         "trainable_states_gib": states / GiB,
@@ -236,7 +248,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     p = PlanInput(model=args.model, stage=args.stage, gpus=args.gpus, nodes=args.nodes, seq=args.seq,
                   micro_batch=args.micro_batch, quant=args.quant, lora_r=args.lora_r,
                   zero_stage=args.zero_stage, grad_ckpt=not args.no_grad_ckpt,
-                  flash_attn=not args.no_flash_attn, gpu_type=args.gpu_type, mfu=args.mfu)
+                  flash_attn=not args.no_flash_attn, gpu_type=args.gpu_type, mfu=args.mfu,
+                  mntp_chunk_mib=args.mntp_chunk_mib)
     terms = plan(p)
     if args.json:
         print(json.dumps({"input": asdict(p), "estimate": terms}, indent=2))
@@ -266,5 +279,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-flash-attn", action="store_true")
     p.add_argument("--gpu-type", default=d.gpu_type, choices=sorted(PEAK_TFLOPS))
     p.add_argument("--mfu", type=float, default=d.mfu)
+    p.add_argument("--mntp-chunk-mib", type=float, default=d.mntp_chunk_mib,
+                   help="MNTP cross-entropy chunk (0 = logits materialised over every position)")
     p.add_argument("--json", action="store_true", help="print the estimate as JSON")
     p.set_defaults(func=_cmd_plan)
