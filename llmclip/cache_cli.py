@@ -164,6 +164,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         instruction=args.instruction,
         precision=args.precision,
+        compile=args.compile,
         overwrite=args.overwrite,
         progress=not args.no_progress,
     )
@@ -213,6 +214,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="auto",
         choices=["auto", "bf16", "fp32"],
         help="compute dtype: auto = bf16 on CUDA, fp32 on CPU",
+    )
+    b.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the decoder for this build: a one-off compile per process (~30 s on a "
+        "CPU, needs a C++ compiler), then ~1.3x faster bf16 forwards (benchmarks/cache.py)",
     )
     b.add_argument(
         "--overwrite",
