@@ -27,13 +27,29 @@ def test_interleaved_rotates_order_and_times_every_rep():
 def test_interleaved_measures_the_slower_runner_as_slower():
     times = C.interleaved({"fast": lambda: None, "slow": lambda: time.sleep(0.02)}, reps=3)
     assert C.median(times["slow"]) >= 0.02 > C.median(times["fast"])
-    assert C.paired_ratio(times["slow"], times["fast"]) > 10
+    assert C.ratio_of_medians(times["fast"], times["slow"]).value > 10
 
 
-def test_paired_ratio_is_the_median_of_per_rep_ratios():
-    assert C.paired_ratio([2.0, 4.0, 30.0], [1.0, 1.0, 1.0]) == 4.0
+def test_ratio_is_the_ratio_of_medians_not_the_median_of_ratios():
+    # ours takes 1, 1, 10 s and the peer 2, 4, 5 s for the same work: medians 1 vs 4 -> 4x faster,
+    # while the per-repetition ratios 2, 4, 0.5 have the median 2.
+    r = C.ratio_of_medians([1.0, 1.0, 10.0], [2.0, 4.0, 5.0])
+    assert r.value == 4.0 and r.reps == 3
+    assert (r.lo, r.hi) == (0.5, 4.0) and r.lo <= r.q1 <= r.q3 <= r.hi
+    assert "4.00x" in str(r) and "met" in C.verdict("x", r, 3.9) and "NOT met" in C.verdict("x", r, 4.1)
     with pytest.raises(ValueError):
-        C.paired_ratio([1.0], [1.0, 2.0])
+        C.ratio_of_medians([1.0], [1.0, 2.0])
+
+
+def test_gemm_peak_and_flop_count_agree_on_a_matmul():
+    import torch
+
+    a, b = torch.randn(64, 32), torch.randn(32, 16)
+    assert C.count_flops(lambda: a @ b) == 2 * 64 * 32 * 16
+    assert C.gemm_peak([(64, 32, 16)], reps=2) > 0
+    lin = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Linear(4, 2))
+    assert C.linear_shapes(lin, 10) == [(10, 8, 4), (10, 4, 2)]
+    assert C.linear_shapes(lin, 10, skip=("1",)) == [(10, 8, 4)]
 
 
 def test_table_aligns_columns():
