@@ -124,6 +124,8 @@ class OpenIReport:
 
 def read_openi(path: str | Path) -> list[OpenIReport]:
     """Parse every XML report in the Open-I tgz (sorted by numeric id)."""
+    from llmclip.data.sources.openi import UnsafeXML, parse_xml
+
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"Open-I archive not found: {path}")
@@ -134,7 +136,7 @@ def read_openi(path: str | Path) -> list[OpenIReport]:
                 if not member.isfile() or not member.name.endswith(".xml"):
                     continue
                 data = tf.extractfile(member).read()
-                root = ET.fromstring(data)
+                root = parse_xml(data)  # the shard builder's guard: no DTD, no entities
                 sec = {
                     (a.get("Label") or "").upper(): " ".join((a.text or "").split())
                     for a in root.iter("AbstractText")
@@ -152,7 +154,7 @@ def read_openi(path: str | Path) -> list[OpenIReport]:
                         mesh=mesh,
                     )
                 )
-    except (tarfile.TarError, ET.ParseError, OSError) as e:
+    except (tarfile.TarError, ET.ParseError, UnsafeXML, OSError) as e:
         raise ConfigError(f"cannot read Open-I archive {path}: {e}") from e
     out.sort(key=lambda r: int("".join(ch for ch in r.uid if ch.isdigit()) or 0))
     return out

@@ -6,6 +6,8 @@ import io
 import json
 import tarfile
 
+import pytest
+
 from llmclip.cli import main
 
 
@@ -96,3 +98,19 @@ def test_labels_show(capsys):
     out = capsys.readouterr().out
     assert "Pleural Effusion" in out and '"Pneumothorax": 0' in out
     assert "negated: No left pleural effusion. Pneumothorax." in out
+
+
+def test_openi_reader_refuses_entity_declarations(tmp_path):
+    """Both Open-I readers share one guard: a DTD / entity declaration (billion laughs, external
+    entities) is refused with an error naming the archive, not expanded."""
+    from llmclip.clinical.openi import read_openi
+    from llmclip.config import ConfigError
+
+    data = b'<?xml version="1.0"?><!DOCTYPE a [<!ENTITY x "y">]><a>&x;</a>'
+    path = tmp_path / "hostile.tgz"
+    with tarfile.open(path, "w:gz") as tf:
+        info = tarfile.TarInfo("1.xml")
+        info.size = len(data)
+        tf.addfile(info, io.BytesIO(data))
+    with pytest.raises(ConfigError, match="hostile.tgz.*entity"):
+        read_openi(path)
