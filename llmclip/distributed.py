@@ -7,10 +7,12 @@ environment variables. Everything that needs "who am I" asks this module, so a 2
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -65,9 +67,26 @@ def init_distributed(timeout_s: int = 600) -> DistEnv:
                 setattr(distributed_c10d, name, timeout)
         deepspeed.init_distributed(timeout=timeout)
         env = dist_env()
+        if not torch.cuda.is_available():
+            atexit.register(remove_shm_buffers, os.environ.get("MASTER_ADDR", ""),
+                            os.environ.get("MASTER_PORT", ""), env.local_rank)
     if torch.cuda.is_available():
         torch.cuda.set_device(env.local_rank)
     return env
+
+
+def remove_shm_buffers(addr: str, port: str, local_rank: int) -> None:
+    """Delete this rank's DeepSpeed CPU all-reduce buffer from /dev/shm at exit.
+
+    DeepSpeed's shared-memory comm op (CPU hosts) creates one 66 MB file per rank, named by master
+    address, port and local rank, and never removes it: every multi-rank CPU run left 130 MB of RAM
+    behind (a day of tests had filled 12 GB and the machine swapped). Unlinking is safe once the
+    rank is done: other ranks keep their mappings. A SIGKILLed rank still leaves its file.
+    """
+    if not addr or not port:
+        return
+    for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{addr}_{port}_{local_rank}"):
+        path.unlink(missing_ok=True)
 
 
 def world_size() -> int:

@@ -26,13 +26,16 @@ STEPS, SAVE_EVERY, KILL_AFTER = 8, 4, 6
 
 def _launch(out: Path, shards: Path, log: Path, *extra: str) -> subprocess.Popen:
     deepspeed = Path(sys.executable).parent / "deepspeed"
-    cmd = [str(deepspeed), "--master_port", str(free_port()), "--num_gpus", "2", str(REPO / "llmclip" / "train.py"),
+    port = free_port()
+    cmd = [str(deepspeed), "--master_port", str(port), "--num_gpus", "2", str(REPO / "llmclip" / "train.py"),
            "--config", str(TINY), "--set", f"run.out_dir={out}", "--set", f"data.shards={shards}:train",
            "--set", f"optim.max_steps={STEPS}", "--set", f"run.save_every={SAVE_EVERY}",
            "--set", "stage1.mntp_steps=3", *extra]
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
                             start_new_session=True)
+    proc.master_port = port  # type: ignore[attr-defined]
+    return proc
 
 
 def _finish(proc: subprocess.Popen, log: Path, timeout: float = 420) -> None:
@@ -133,9 +136,12 @@ def test_calibrated_latent_pooler_trains_past_checkpoints(openi_shards, tmp_path
     sets = {"deepspeed.config": f"ds_configs/{ds_json}", "deepspeed.precision": "auto",
             "model.standardize": "true", "model.calibration_reports": "16", "stage1.hard_negatives": "3",
             "run.save_every": "3", "stage1.mntp_steps": "3"}
-    _finish(_launch(out, openi_shards, log, *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")]), log)
+    proc = _launch(out, openi_shards, log, *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")])
+    _finish(proc, log)
     assert [r["step"] for r in _metrics(out)] == list(range(1, STEPS + 1))
     assert (out / "final" / "encoder.json").is_file()
+    # Each rank removed its DeepSpeed shared-memory buffer (130 MB of RAM per run otherwise).
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{proc.master_port}_*"))
 
 
 def test_recipes_validate():
