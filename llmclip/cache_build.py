@@ -37,7 +37,7 @@ from llmclip.cache import (
     write_meta,
     write_sidecar,
 )
-from llmclip.config import ConfigError
+from llmclip.config import ConfigError, resolve_precision
 from llmclip.data.text import clinical_text
 
 MAX_MEMBER_BYTES = 16 << 20  # a report json larger than this is not a report
@@ -388,7 +388,7 @@ def build_cache(opts: BuildOptions, encoder: Any = None) -> BuildResult:
         if not cuda:
             _share_cpu_threads(torch)
         device = f"cuda:{env.local_rank}" if cuda else "cpu"
-        bf16 = opts.precision == "bf16" or (opts.precision == "auto" and cuda)
+        bf16 = resolve_precision(opts.precision, cuda, autocast_ok=False) == "bf16"
         encoder = LLMEncoder.from_dir(
             opts.encoder, device=device, dtype=torch.bfloat16 if bf16 else torch.float32
         )

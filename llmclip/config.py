@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import functools
 import math
 import re
 import shutil
@@ -364,6 +365,7 @@ class DeepSpeedSection:
                               "precision")
 
 
+@functools.cache
 def cpu_has_amx_bf16() -> bool:
     """Whether this CPU multiplies bf16 matrices in hardware (Intel AMX tiles).
 
@@ -380,7 +382,8 @@ def cpu_has_amx_bf16() -> bool:
 
 def resolve_precision(precision: str, cuda: bool, autocast_ok: bool = True) -> str:
     """The precision a run uses: ``bf16`` (bf16 weights, DeepSpeed bf16), ``fp32``, or
-    ``bf16-autocast`` (fp32 weights and optimizer, matmuls in bf16 under ``torch.autocast``)."""
+    ``bf16-autocast`` (fp32 weights and optimizer, matmuls in bf16 under ``torch.autocast``).
+    ``autocast_ok=False`` for the jobs without an autocast path (stage 2, cache, eval): CPU = fp32."""
     if precision != "auto":
         return precision
     if cuda:

@@ -28,6 +28,7 @@ from llmclip.config import (
     DeepSpeedSection,
     OptimConfig,
     RunConfig,
+    resolve_precision,
 )
 
 
@@ -205,7 +206,7 @@ def build_ds_config(cfg: Stage2Config, world: int) -> dict[str, Any]:
     ds["gradient_accumulation_steps"] = d.grad_accum
     ds["train_batch_size"] = d.micro_batch_size * d.grad_accum * world
     ds["gradient_clipping"] = cfg.optim.grad_clip
-    bf16 = d.precision == "bf16" or (d.precision == "auto" and torch.cuda.is_available())
+    bf16 = resolve_precision(d.precision, torch.cuda.is_available(), autocast_ok=False) == "bf16"
     ds["bf16"] = {"enabled": bool(bf16)}
     ds["fp16"] = {"enabled": False}
     ds.setdefault("zero_optimization", {"stage": 2})

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from llmclip.config import ConfigError
+from llmclip.config import ConfigError, resolve_precision
 
 log = logging.getLogger("llmclip.eval.text")
 BASELINES = ("tfidf", "minilm", "base-llm")
@@ -280,7 +280,7 @@ def run(args: argparse.Namespace) -> int:
     cuda = torch.cuda.is_available()
     if not cuda:
         torch.set_num_threads(os.cpu_count() or 1)
-    bf16 = args.precision == "bf16" or (args.precision == "auto" and cuda)
+    bf16 = resolve_precision(args.precision, cuda, autocast_ok=False) == "bf16"
     dtype = torch.bfloat16 if bf16 else torch.float32
     device = "cuda" if cuda else "cpu"
     metas = load_reports(args.shards, args.max_reports, args.seed)

@@ -55,34 +55,45 @@ def mntp_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor, blank_id: i
     return masked, labels
 
 
-def mntp_loss(states: torch.Tensor, lm_head: torch.nn.Module, labels: torch.Tensor,
-              chunk_mib: float = 32.0) -> torch.Tensor:
-    """Cross-entropy of token ``i`` predicted from the state at ``i - 1``, over blanked tokens only.
-
-    Only the selected states go through the LM head: the vocabulary projection is the largest matmul
-    of a small model and ~80% of its rows would be thrown away. With ``chunk_mib > 0`` the logits are
-    never materialised for all rows at once (``chunked_linear_cross_entropy``); 0 = one plain
-    ``lm_head`` + ``F.cross_entropy`` (what the chunked loss is tested and benchmarked against).
-    """
+def mntp_rows(states: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The states that predict blanked tokens (state ``i - 1`` for token ``i``), [N, D], and those
+    tokens, [N]. Only these go through the LM head: ~80% of a row's positions would be thrown away."""
     target = labels[:, 1:]
     sel = target != IGNORE
-    hidden = states[:, :-1][sel]
+    return states[:, :-1][sel], target[sel]
+
+
+def mntp_loss(states: torch.Tensor, lm_head: torch.nn.Module, labels: torch.Tensor,
+              chunk_mib: float = 32.0) -> torch.Tensor:
+    """Cross-entropy of token ``i`` predicted from the state at ``i - 1``, over blanked tokens only."""
+    hidden, target = mntp_rows(states, labels)
+    return lm_head_loss(hidden, lm_head, target, chunk_mib)
+
+
+def lm_head_loss(hidden: torch.Tensor, lm_head: torch.nn.Module, target: torch.Tensor,
+                 chunk_mib: float = 32.0) -> torch.Tensor:
+    """Mean cross-entropy of ``lm_head(hidden)`` against ``target``.
+
+    With ``chunk_mib > 0`` the logits are never materialised for all rows at once
+    (``chunked_linear_cross_entropy``; Liger's fused kernel on CUDA; checkpointed module calls under
+    ZeRO-3); 0 = one plain ``lm_head`` + ``F.cross_entropy`` (what the others are tested against).
+    """
     if chunk_mib <= 0 or getattr(lm_head, "bias", None) is not None:
-        return F.cross_entropy(lm_head(hidden).float(), target[sel])
+        return F.cross_entropy(lm_head(hidden).float(), target)
     weight = lm_head.weight
     vocab = int(getattr(weight, "ds_shape", weight.shape)[0])
     rows = max(1, int(chunk_mib * 2**20 // (4 * vocab)))  # fp32 logits of `rows` tokens
     if hasattr(weight, "ds_id"):
         # ZeRO-3 owns the (often tied) head weight and fetches it through the module's hooks; each
         # chunk calls the module and is recomputed in the backward (one more head matmul per chunk).
-        return _checkpointed_chunks(hidden, lm_head, target[sel], rows)
+        return _checkpointed_chunks(hidden, lm_head, target, rows)
     if hidden.is_cuda:  # Liger's fused Triton kernel when installed (None otherwise)
         from llmclip.text.kernels import fused_linear_cross_entropy
 
-        fused = fused_linear_cross_entropy(hidden, weight, target[sel])
+        fused = fused_linear_cross_entropy(hidden, weight, target)
         if fused is not None:
             return fused
-    return chunked_linear_cross_entropy(hidden, weight, target[sel], rows)
+    return chunked_linear_cross_entropy(hidden, weight, target, rows)
 
 
 def _checkpointed_chunks(hidden: torch.Tensor, lm_head: torch.nn.Module, target: torch.Tensor,

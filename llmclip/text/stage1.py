@@ -22,7 +22,6 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from llmclip.config import (
     ConfigError,
@@ -211,16 +210,15 @@ class Stage1Module(nn.Module):
             return self._forward(kind, **batch)
 
     def _forward(self, kind: str, **batch: torch.Tensor) -> dict[str, Any]:
-        from llmclip.text.objectives import IGNORE, contrastive_loss, mntp_loss
+        from llmclip.text.objectives import contrastive_loss, lm_head_loss, mntp_rows
 
         enc = self.encoder
-        if kind == "mntp":  # one forward per length bucket; the head sees the blanked rows of all
+        if kind == "mntp":  # one forward per length bucket; one head loss over all blanked rows
             b = batch["buckets"]
-            states = [enc.hidden_states(i, a) for i, a in zip(b["input_ids"], b["attention_mask"], strict=True)]
-            width = max(x.shape[1] for x in states)
-            states = torch.cat([F.pad(x, (0, 0, 0, width - x.shape[1])) for x in states])
-            labels = torch.cat([F.pad(x, (0, width - x.shape[1]), value=IGNORE) for x in b["labels"]])
-            loss = mntp_loss(states, enc.lm_head, labels, self.obj.mntp_chunk_mib)
+            rows = [mntp_rows(enc.hidden_states(i, a), lab) for i, a, lab
+                    in zip(b["input_ids"], b["attention_mask"], b["labels"], strict=True)]
+            hidden, target = torch.cat([h for h, _ in rows]), torch.cat([t for _, t in rows])
+            loss = lm_head_loss(hidden, enc.lm_head, target, self.obj.mntp_chunk_mib)
             return {"loss": loss, "metrics": {}}
         q = enc.embed_buckets(batch["queries"])
         docs = enc.embed_buckets(batch["docs"])
