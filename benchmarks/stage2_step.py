@@ -12,7 +12,8 @@ severity-changed edits (``llmclip.cache_build.VARIANTS``) into a real embedding 
 - ``llmclip``: ``Stage2Trainer._micro_step`` itself (the step ``llmclip/train.py`` runs), on a
   trainer built with the calls of ``Stage2Trainer.__init__``: ``CLIPModel`` (text adapter and
   report-graph GCN), ``make_optimizer`` (torch AdamW, ``param_groups``), warmup + cosine, DeepSpeed
-  engine with ``ds_configs/cpu_zero2.json``; recipe from ``--config`` (default
+  engine with the recipe's JSON (``ds_configs/cpu_zero0.json``: plain data parallel, and on one
+  rank no gradient all-reduce, ``stage2.make_engine``); recipe from ``--config`` (default
   ``configs/stage2/demo.yaml``): **all clinical losses on** -- negation hard negatives with the
   laterality and severity columns, soft labels at their full mix weight (alpha_end), graph
   alignment. Per step it does what the trainer does: cache rows of all four columns by key, the
@@ -68,6 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--config", default=str(C.REPO / "configs/stage2/demo.yaml"),
                    help="stage-2 recipe: llmclip's losses, graph, text adapter, embed_dim")  # fmt: skip
+    p.add_argument("--ds-config", default="",
+                   help="DeepSpeed JSON of the llmclip side (default: the recipe's)")
     p.add_argument("--steps", type=int, default=1, help="optimizer steps per timed repetition")
     p.add_argument("--reps", type=int, default=15, help="timed repetitions of the headline pair")
     p.add_argument("--online-reps", type=int, default=5, help="repetitions of the online pairing")
@@ -81,8 +84,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help=C.THREADS_HELP)
     p.add_argument("--json", default="", help="also write the results to this JSON file")
     return p.parse_args(argv)
-
-
 
 
 def build_inputs(args: argparse.Namespace, n: int, cache_dir: Path) -> list[dict]:
@@ -130,8 +131,6 @@ def build_inputs(args: argparse.Namespace, n: int, cache_dir: Path) -> list[dict
     return samples
 
 
-
-
 class Batches:
     """The trainer's ``ShardStream`` with the loader's batches prebuilt: ``next()`` cycles them."""
 
@@ -144,17 +143,24 @@ class Batches:
         return self.batches[(self.i - 1) % len(self.batches)]
 
 
+def recipe_ds_config(recipe: str) -> str:
+    """The recipe's DeepSpeed JSON, resolved against the repository (the script runs anywhere)."""
+    import yaml
+
+    path = Path(yaml.safe_load(Path(recipe).read_text(encoding="utf-8"))["deepspeed"]["config"])
+    return str(path if path.is_absolute() else C.REPO / path)
+
+
 def llmclip_trainer(args: argparse.Namespace, work: Path, samples: list[dict]):
     """A ``Stage2Trainer`` built with the calls of its ``__init__``, in order, minus the shard
     checks, checkpoint resume and run-folder files that only a real run needs."""
-    import deepspeed
     from deepspeed.accelerator import get_accelerator
 
     from llmclip.cache import EmbeddingCache
     from llmclip.clinical import CHEXPERT_CLASSES
     from llmclip.clip.batching import GraphFeaturizer, text_statistics
     from llmclip.clip.model import CLIPModel
-    from llmclip.clip.stage2 import Stage2Config, build_ds_config, lr_factor, make_optimizer
+    from llmclip.clip.stage2 import Stage2Config, make_engine
     from llmclip.clip.trainer import Stage2Trainer
     from llmclip.config import load_config
     from llmclip.distributed import dist_env
@@ -166,7 +172,8 @@ def llmclip_trainer(args: argparse.Namespace, work: Path, samples: list[dict]):
         "data.augment=false", f"model.vision.name={args.vision}", "model.vision.kwargs={}",
         "model.vision.pretrained=false", "model.vision.drop_path_rate=0.0",
         f"deepspeed.micro_batch_size={args.batch}", "deepspeed.grad_accum=1",
-        "deepspeed.config=" + str(C.REPO / "ds_configs/cpu_zero2.json"), "deepspeed.precision=fp32",
+        "deepspeed.precision=fp32",
+        f"deepspeed.config={args.ds_config or recipe_ds_config(args.config)}",
     ])  # fmt: skip
     t = Stage2Trainer.__new__(Stage2Trainer)
     t.cfg, t.classes, t.out = cfg, list(CHEXPERT_CLASSES), Path(cfg.run.out_dir)
@@ -181,12 +188,9 @@ def llmclip_trainer(args: argparse.Namespace, work: Path, samples: list[dict]):
     soft = cfg.loss.soft_labels
     need_graph = cfg.model.graph.enabled or (soft.enabled and soft.weight_graph > 0)
     t.graphs = GraphFeaturizer(cfg.model.graph) if need_graph else None
-    opt = make_optimizer(t.model, cfg.optim, get_accelerator().device_name())
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.optim))
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    t.ds_config = build_ds_config(cfg, 1)
-    t.engine, t.optimizer, _, t.scheduler = deepspeed.initialize(
-        model=t.model, optimizer=opt, lr_scheduler=sched, config=t.ds_config
+    t.engine, t.optimizer, t.scheduler, t.ds_config = make_engine(
+        t.model, cfg, 1, get_accelerator().device_name()
     )
     t.env, t.device = dist_env(), t.engine.device
     t.stream = Batches(samples, args.batch)
@@ -194,8 +198,6 @@ def llmclip_trainer(args: argparse.Namespace, work: Path, samples: list[dict]):
     t.step = int(np.ceil(soft.ramp_end * cfg.optim.max_steps))
     assert not soft.enabled or soft.alpha(t.step, cfg.optim.max_steps) == soft.alpha_end
     return t
-
-
 
 
 class CachedTextTower(torch.nn.Module):

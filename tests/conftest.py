@@ -143,19 +143,25 @@ def stage2_lm_cache(tmp_path_factory, openi_shards, stage2_encoder_dir):
 
 @pytest.fixture(scope="session")
 def stage2_runs(tmp_path_factory, openi_shards, stage2_lm_cache, stage2_encoder_dir):
-    """Tiny full-recipe runs of configs/stage2/tiny.yaml on 2 CPU ranks (real deepspeed launcher):
-    ``full``: uninterrupted, ZeRO-2. ``resumed``: ZeRO-2, SIGKILLed right after its first
-    checkpoint, then rerun under ZeRO-3 (checkpoints hold whole parameters, so the stage may
-    change), which resumes from that checkpoint."""
+    """Tiny full-recipe runs of configs/stage2/tiny.yaml (ZeRO-0, plain data parallel, as the CPU
+    demo) on 2 CPU ranks under the real deepspeed launcher. ``full``: uninterrupted. ``resumed``:
+    SIGKILLed right after its first checkpoint, then rerun, which resumes from that checkpoint.
+    ``restaged``: a copy of the killed run resumed under ZeRO-3 (checkpoints hold whole parameters,
+    so the stage may change)."""
+    import shutil
+
     root = tmp_path_factory.mktemp("stage2_runs")
     base = [f"data.shards={openi_shards}:train", f"data.cache={stage2_lm_cache}", f"data.encoder={stage2_encoder_dir}",
             f"optim.max_steps={STAGE2_TINY_STEPS}", f"run.save_every={STAGE2_TINY_SAVE}"]
-    runs = {"full": root / "full", "resumed": root / "resumed"}
+    runs = {"full": root / "full", "resumed": root / "resumed", "restaged": root / "restaged"}
     log = root / "launch.log"
     rc = launch_stage2(base + [f"run.out_dir={runs['full']}"], log)
     assert rc == 0, log.read_text()[-3000:]
     rc = launch_stage2(base + [f"run.out_dir={runs['resumed']}"], log, kill_at_checkpoint=STAGE2_TINY_SAVE)
     assert rc == -9 and not (runs["resumed"] / "final").exists(), "the kill came too late to test resume"
-    rc = launch_stage2(base + [f"run.out_dir={runs['resumed']}", "deepspeed.zero_stage=3"], log)
+    shutil.copytree(runs["resumed"], runs["restaged"])
+    rc = launch_stage2(base + [f"run.out_dir={runs['resumed']}"], log)
+    assert rc == 0, log.read_text()[-3000:]
+    rc = launch_stage2(base + [f"run.out_dir={runs['restaged']}", "deepspeed.zero_stage=3"], log)
     assert rc == 0, log.read_text()[-3000:]
     return {**runs, "log": log, "steps": STAGE2_TINY_STEPS, "save_every": STAGE2_TINY_SAVE}

@@ -37,9 +37,7 @@ from llmclip.clip.stage2 import (
     _env_threads,
     _now,
     augment,
-    build_ds_config,
-    lr_factor,
-    make_optimizer,
+    make_engine,
 )
 from llmclip.config import ConfigError, to_dict
 from llmclip.distributed import init_distributed
@@ -119,7 +117,6 @@ class ShardStream:
 
 class Stage2Trainer:
     def __init__(self, cfg: Stage2Config):
-        import deepspeed
         from deepspeed.accelerator import get_accelerator
 
         from llmclip.clinical import CHEXPERT_CLASSES
@@ -156,11 +153,8 @@ class Stage2Trainer:
             cfg.loss.soft_labels.enabled and cfg.loss.soft_labels.weight_graph > 0
         )
         self.graphs = GraphFeaturizer(cfg.model.graph) if need_graph else None
-        opt = make_optimizer(self.model, cfg.optim, get_accelerator().device_name())
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.optim))
-        self.ds_config = build_ds_config(cfg, self.env.world_size)
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=self.model, optimizer=opt, lr_scheduler=sched, config=self.ds_config
+        self.engine, self.optimizer, self.scheduler, self.ds_config = make_engine(
+            self.model, cfg, self.env.world_size, get_accelerator().device_name()
         )
         self.device = self.engine.device
         per_rank = cfg.data.epoch_samples or sum(s.count for s in shards) // self.env.world_size
