@@ -8,7 +8,13 @@ import json
 import pytest
 import torch
 
-from llmclip.text.encoder import LLMEncoder, ModelConfig, make_bidirectional, make_causal
+from llmclip.text.encoder import (
+    LLMEncoder,
+    ModelConfig,
+    balanced_batches,
+    make_bidirectional,
+    make_causal,
+)
 
 REPORT = "The heart is normal in size. There is a small left pleural effusion. No pneumothorax."
 
@@ -180,3 +186,25 @@ def test_standardize_centres_scales_and_survives_the_encoder_dir(tmp_path):
     plain = LLMEncoder.build(ModelConfig(source="tiny:llama", attention="sdpa", max_length=64), torch.float32,
                              lora=False)
     assert not any("standardize" in k for k in plain.pooler.state_dict())
+
+
+def test_balanced_batches_keep_the_greedy_count_within_budget_and_even_out_the_tail():
+    padded = sorted([23, 180, 95, 41, 77, 77, 150, 64, 33, 120, 58, 201, 88, 45] * 9, reverse=True)
+    runs = balanced_batches(padded, 1024)
+    # Contiguous, covering every row once, in order.
+    assert runs[0][0] == 0 and runs[-1][1] == len(padded)
+    assert all(a[1] == b[0] for a, b in zip(runs, runs[1:], strict=False))
+    # Within the budget (padded to each run's longest, the first row since it is sorted).
+    assert all(padded[s] * (e - s) <= 1024 for s, e in runs)
+    # As many runs as the plain greedy fill, whose last run is the small leftover.
+    greedy, start = [], 0
+    while start < len(padded):
+        size = 1024 // padded[start]
+        greedy.append(padded[start : start + size])
+        start += size
+    assert len(runs) == len(greedy)
+    cost = [padded[s] * (e - s) for s, e in runs]
+    assert min(cost) > padded[-1] * len(greedy[-1])  # the tail grew
+    assert min(cost) >= 0.6 * max(cost), cost
+    # A row longer than the budget still gets its own run.
+    assert balanced_batches([3000, 10, 10], 1024) == [(0, 1), (1, 3)]
