@@ -155,7 +155,6 @@ def make_causal(model: nn.Module) -> None:
     _set_causal(model, True)
 
 
-
 def balanced_batches(padded: list[int], budget: int) -> list[tuple[int, int]]:
     """``(start, end)`` runs of a longest-first length list, each at most ``budget`` padded tokens,
     as few as the greedy fill needs but evened out: the greedy fill leaves a small last batch per
