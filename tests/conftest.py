@@ -155,7 +155,16 @@ def stage2_runs(tmp_path_factory, openi_shards, stage2_lm_cache, stage2_encoder_
             f"optim.max_steps={STAGE2_TINY_STEPS}", f"run.save_every={STAGE2_TINY_SAVE}"]
     runs = {"full": root / "full", "resumed": root / "resumed", "restaged": root / "restaged"}
     log = root / "launch.log"
-    rc = launch_stage2(base + [f"run.out_dir={runs['full']}"], log)
+    # The full run's DeepSpeed JSON also carries a user's monitor block (csv_monitor: the same
+    # route as wandb, without an account): it must be kept beside llmclip's TensorBoard.
+    import json
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    ds = json.loads((repo / "ds_configs" / "cpu_zero0.json").read_text())
+    ds["csv_monitor"] = {"enabled": True, "output_path": str(root / "csv"), "job_name": "user"}
+    (root / "ds_user.json").write_text(json.dumps(ds))
+    rc = launch_stage2(base + [f"run.out_dir={runs['full']}", f"deepspeed.config={root / 'ds_user.json'}"], log)
     assert rc == 0, log.read_text()[-3000:]
     rc = launch_stage2(base + [f"run.out_dir={runs['resumed']}"], log, kill_at_checkpoint=STAGE2_TINY_SAVE)
     assert rc == -9 and not (runs["resumed"] / "final").exists(), "the kill came too late to test resume"
@@ -164,4 +173,5 @@ def stage2_runs(tmp_path_factory, openi_shards, stage2_lm_cache, stage2_encoder_
     assert rc == 0, log.read_text()[-3000:]
     rc = launch_stage2(base + [f"run.out_dir={runs['restaged']}", "deepspeed.zero_stage=3"], log)
     assert rc == 0, log.read_text()[-3000:]
-    return {**runs, "log": log, "steps": STAGE2_TINY_STEPS, "save_every": STAGE2_TINY_SAVE}
+    return {**runs, "log": log, "steps": STAGE2_TINY_STEPS, "save_every": STAGE2_TINY_SAVE,
+            "csv": root / "csv" / "user"}

@@ -13,7 +13,6 @@ latest.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -192,38 +191,12 @@ def lr_factor(step: int, optim: OptimConfig) -> float:
 
 
 def build_ds_config(cfg: Stage2Config, world: int) -> dict[str, Any]:
-    """The DeepSpeed JSON with batch sizes, clipping, precision, ZeRO stage and TensorBoard filled in."""
-    path = Path(cfg.deepspeed.config)
-    try:
-        ds = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot read DeepSpeed config {path}: {e}", "deepspeed.config") from None
-    if not isinstance(ds, dict):
-        raise ConfigError(f"{path}: top level must be an object", "deepspeed.config")
-    for key, value in ds.items():
-        if value == "auto":
-            raise ConfigError(
-                f"{path}: '{key}' is 'auto'; write every value explicitly", "deepspeed.config"
-            )
+    """The DeepSpeed JSON with batch sizes, clipping, precision, ZeRO stage and monitors filled in."""
+    from llmclip.ds_config import build_deepspeed_config
+
     d = cfg.deepspeed
-    ds["train_micro_batch_size_per_gpu"] = d.micro_batch_size
-    ds["gradient_accumulation_steps"] = d.grad_accum
-    ds["train_batch_size"] = d.micro_batch_size * d.grad_accum * world
-    ds["gradient_clipping"] = cfg.optim.grad_clip
     bf16 = resolve_precision(d.precision, torch.cuda.is_available(), autocast_ok=False) == "bf16"
-    ds["bf16"] = {"enabled": bool(bf16)}
-    ds["fp16"] = {"enabled": False}
-    ds.setdefault("zero_optimization", {"stage": 2})
-    if d.zero_stage is not None:
-        ds["zero_optimization"]["stage"] = d.zero_stage
-    ds["zero_allow_untested_optimizer"] = True  # a torch AdamW client optimizer (no compiled ops)
-    ds["tensorboard"] = {
-        "enabled": bool(cfg.run.tensorboard),
-        "output_path": str(Path(cfg.run.out_dir) / "tb"),
-        "job_name": "stage2",
-    }
-    ds["steps_per_print"] = ds.get("steps_per_print", 10**9)
-    return ds
+    return build_deepspeed_config(d, cfg.run, cfg.optim.grad_clip, world, "stage2", bf16)
 
 
 def make_engine(model: CLIPModel, cfg: Stage2Config, world: int, device: str) -> tuple[Any, ...]:

@@ -132,39 +132,12 @@ def use_bf16(ds: DeepSpeedSection) -> bool:
 
 
 def deepspeed_config(cfg: Stage1Config, world_size: int) -> dict[str, Any]:
-    """The JSON recipe with this run's batch sizes, clip, precision, stage and TensorBoard filled in."""
-    path = Path(cfg.deepspeed.config)
-    try:
-        ds = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"cannot read DeepSpeed JSON {path}: {e}", "deepspeed.config") from None
-    if "optimizer" in ds or "scheduler" in ds:
-        raise ConfigError(f"{path}: leave out 'optimizer'/'scheduler' (the trainer passes torch AdamW "
-                          "and its schedule; DeepSpeed's would need compiled ops)", "deepspeed.config")
-    auto = [k for k, v in _walk(ds) if v == "auto"]
-    if auto:
-        raise ConfigError(f"{path}: 'auto' is only resolved by the HF Trainer; set {auto[0]}", "deepspeed.config")
-    d = cfg.deepspeed
-    ds["train_micro_batch_size_per_gpu"] = d.micro_batch_size
-    ds["gradient_accumulation_steps"] = d.grad_accum
-    ds["train_batch_size"] = d.micro_batch_size * d.grad_accum * world_size
-    ds["gradient_clipping"] = cfg.optim.grad_clip
-    bf16 = use_bf16(d)
-    ds["bf16"] = {**ds.get("bf16", {}), "enabled": bf16}
-    ds["fp16"] = {**ds.get("fp16", {}), "enabled": False}
-    ds.setdefault("zero_optimization", {})
-    if d.zero_stage is not None:
-        ds["zero_optimization"]["stage"] = d.zero_stage
-    ds["zero_allow_untested_optimizer"] = True
-    ds["tensorboard"] = {"enabled": bool(cfg.run.tensorboard),
-                         "output_path": str(Path(cfg.run.out_dir) / "tb"), "job_name": "stage1"}
-    return ds
+    """The JSON recipe with this run's batch sizes, clip, precision, stage and monitors filled in."""
+    from llmclip.ds_config import build_deepspeed_config
 
-
-def _walk(node: Any, prefix: str = "") -> list[tuple[str, Any]]:
-    if isinstance(node, dict):
-        return [kv for k, v in node.items() for kv in _walk(v, f"{prefix}.{k}" if prefix else k)]
-    return [(prefix, node)]
+    return build_deepspeed_config(
+        cfg.deepspeed, cfg.run, cfg.optim.grad_clip, world_size, "stage1", use_bf16(cfg.deepspeed)
+    )
 
 
 def lr_lambda(optim: OptimConfig):

@@ -91,6 +91,9 @@ def test_two_rank_run_writes_a_complete_run_folder(stage2_runs):
     assert all(np.isfinite(r["loss"]) and "loss_graph" in r and "alpha" in r for r in records)
     losses = [r["loss"] for r in records]
     assert np.mean(losses[-5:]) < np.mean(losses[:5])
+    # The user's own monitor block in the DeepSpeed JSON was kept and got every step's loss.
+    rows = (stage2_runs["csv"] / "train_loss.csv").read_text().splitlines()
+    assert [int(r.split(",")[0]) for r in rows[1:]] == list(range(1, steps + 1)), rows[:3]
     assert (run / "final" / "model.safetensors").is_file()
     assert (run / "checkpoints" / "latest").read_text().strip() == f"step-{steps:06d}"
 
