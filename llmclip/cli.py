@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "demo": "llmclip.demo",
     "plan": "llmclip.plan",
     "eval": "llmclip.eval.commands",
+    "export": "llmclip.text.export",
 }
 
 
