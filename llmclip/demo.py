@@ -70,9 +70,12 @@ def _image_size(quick: bool) -> str:
 
 
 def _stage2_overrides(out: Path, run: Path, quick: bool) -> list[str]:
-    """Stage 2 of the demo (or an ablation) on the demo's shards and cache; smaller when quick."""
+    """Stage 2 of the demo (or an ablation) on the demo's shards and cache; smaller when quick.
+
+    ``data.encoder`` names the demo's stage-1 encoder: the run records it (relative to the run),
+    so ``llmclip.load(run)`` encodes free text with no further argument."""
     over = [f"run.out_dir={run}", f"data.shards={out / 'shards'}:train", f"data.cache={out / 'cache'}",
-            f"data.image_size={_image_size(quick)}"]
+            f"data.encoder={out / 'stage1' / 'final'}", f"data.image_size={_image_size(quick)}"]
     return over + (["optim.max_steps=60", "optim.warmup_steps=5"] if quick else [])
 
 

@@ -41,6 +41,12 @@ class VisionConfig:
     """Per-channel mean subtracted after scaling pixels to [0, 1]."""
     std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     """Per-channel standard deviation divided after subtracting the mean."""
+    stats: Literal["auto", "config"] = "auto"
+    """Normalisation statistics. ``auto``: with ``pretrained`` weights, the tower's own (timm's
+    ``resolve_model_data_config``: OpenAI-CLIP statistics for EVA02, ImageNet ones for most CNNs),
+    which those weights need; without, ``mean``/``std`` (a tower trained from scratch learns
+    from whatever they are). ``config``: always ``mean``/``std``. The model writes the statistics
+    it uses back into ``mean``/``std``, so ``clip.json`` records them and inference repeats them."""
 
     def validate(self) -> None:
         if not self.name:
@@ -262,6 +268,37 @@ def create_vision_tower(cfg: VisionConfig, image_size: int) -> nn.Module:
     return tower
 
 
+def tower_stats(cfg: VisionConfig, tower: nn.Module) -> tuple[list[float], list[float]]:
+    """(mean, std) the tower's inputs are normalised with (see ``VisionConfig.stats``)."""
+    if cfg.stats == "config" or not cfg.pretrained:
+        return [float(v) for v in cfg.mean], [float(v) for v in cfg.std]
+    from timm.data import resolve_model_data_config
+
+    data = resolve_model_data_config(tower)
+    mean, std = [float(v) for v in data["mean"]], [float(v) for v in data["std"]]
+    if cfg.in_chans == 1 and len(mean) == 3:
+        # timm folds the RGB stem of pretrained weights into one grey channel by summing it, so the
+        # grey input is best normalised with the channels' average statistics.
+        mean, std = [sum(mean) / 3], [sum(std) / 3]
+    return mean, std
+
+
+def normalize_pixels(
+    images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, in_chans: int, size: int
+) -> torch.Tensor:
+    """uint8 [B, C, H, W] (C = 1 or 3) -> normalised float [B, in_chans, size, size].
+
+    Shared by training (``CLIPModel.preprocess``) and ``llmclip.load``'s ``preprocess``, so both
+    compute the same floats from the same pixels. ``mean``/``std``: [1, in_chans, 1, 1].
+    """
+    x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+    if x.shape[1] != in_chans:
+        x = x.repeat(1, in_chans, 1, 1) if x.shape[1] == 1 else x.mean(1, keepdim=True)
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
+    return (x - mean) / std
+
+
 class CLIPModel(nn.Module):
     """Vision tower + image projection, text adapter, logit scale, optional graph encoder."""
 
@@ -277,6 +314,9 @@ class CLIPModel(nn.Module):
         scale = torch.full((1,), math.log(1.0 / cfg.init_temperature))
         self.logit_scale = nn.Parameter(scale, requires_grad=cfg.learn_temperature)
         self.graph_encoder = GraphEncoder(cfg.graph, cfg.embed_dim) if cfg.graph.enabled else None
+        # Written back into the config: the trainer's clip.json then records the statistics used,
+        # and a loaded model (built without the pretrained weights) normalises the same way.
+        cfg.vision.mean, cfg.vision.std = tower_stats(cfg.vision, self.visual)
         self.register_buffer(
             "pixel_mean", torch.tensor(cfg.vision.mean).view(1, -1, 1, 1), persistent=False
         )
@@ -286,16 +326,13 @@ class CLIPModel(nn.Module):
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 [B, C, H, W] (C = 1 or 3) -> normalised float, resized to ``image_size`` if needed."""
-        x = images.to(self.pixel_mean.device)
-        x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
-        c = self.cfg.vision.in_chans
-        if x.shape[1] != c:
-            x = x.repeat(1, c, 1, 1) if x.shape[1] == 1 else x.mean(1, keepdim=True)
-        if x.shape[-2:] != (self.image_size, self.image_size):
-            x = F.interpolate(
-                x, size=(self.image_size, self.image_size), mode="bilinear", antialias=True
-            )
-        return (x - self.pixel_mean) / self.pixel_std
+        return normalize_pixels(
+            images.to(self.pixel_mean.device),
+            self.pixel_mean,
+            self.pixel_std,
+            self.cfg.vision.in_chans,
+            self.image_size,
+        )
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         """Normalised image embeddings from preprocessed pixels."""

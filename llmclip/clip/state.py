@@ -2,7 +2,10 @@
 ``weights_only`` loads, any ZeRO stage, any world size) and the exported final model.
 
 ``RUN/final/``: ``model.safetensors`` (every weight, fp32) + ``clip.json`` (model config, image
-size, text dim, cache fingerprint, encoder folder, instruction): what ``llmclip.load`` reads.
+size, text dim, cache fingerprint, encoder folder, instruction): what ``llmclip.load`` reads. The
+encoder folder is recorded relative to ``RUN/final`` (``encoder``) and absolute (``encoder_path``);
+``find_encoder`` also looks beside the run for a folder with the training cache's fingerprint, so
+a copied or moved run still finds its stage-1 encoder.
 """
 
 from __future__ import annotations
@@ -48,6 +51,66 @@ def encoder_fingerprint(encoder_dir: str) -> str | None:
     if not isinstance(fp, str) or not fp:
         raise ConfigError(f"{path}: 'fingerprint' must be a non-empty string", "data.encoder")
     return fp
+
+
+def encoder_record(encoder_dir: str | None, final: Path) -> dict[str, str | None]:
+    """clip.json's ``encoder`` (relative to ``final`` where a relative path exists) and
+    ``encoder_path`` (absolute, a fallback for a run moved without its encoder)."""
+    if not encoder_dir:
+        return {"encoder": None, "encoder_path": None}
+    absolute = Path(encoder_dir).resolve()
+    try:
+        rel = Path(os.path.relpath(absolute, Path(final).resolve())).as_posix()
+    except ValueError:  # another drive (Windows): no relative path exists
+        rel = str(absolute)
+    return {"encoder": rel, "encoder_path": str(absolute)}
+
+
+# Where ``find_encoder`` looks for an encoder folder by fingerprint, relative to the run folder's
+# parents: a stage-1 run beside the stage-2 run (the demo's RUN/stage1/final) or its folder itself.
+_BESIDE = ("*/encoder.json", "*/final/encoder.json")
+
+
+def _fingerprint_or_none(folder: Path) -> str | None:
+    try:
+        return encoder_fingerprint(str(folder))
+    except ConfigError:
+        return None
+
+
+def find_encoder(final: Path, meta: dict[str, Any]) -> tuple[Path | None, list[str]]:
+    """The stage-1 encoder folder a finished run (``RUN/final``, its ``clip.json`` as ``meta``)
+    was trained against, and the places looked at (for the error when none is found).
+
+    In order: ``encoder`` (relative to ``final``, or an absolute path as older runs wrote),
+    ``encoder_path``, then any ``encoder.json`` beside the run (``_BESIDE`` under the run folder,
+    its parent and grandparent) whose fingerprint is the training cache's. A recorded folder with
+    another fingerprint is passed over: it is not the encoder the model learned from.
+    """
+    want = meta.get("cache_fingerprint")
+    tried: list[str] = []
+    seen: set[Path] = set()
+
+    def fits(folder: Path) -> bool:
+        folder = folder.resolve()
+        if folder in seen:
+            return False
+        seen.add(folder)
+        tried.append(str(folder))
+        fp = _fingerprint_or_none(folder)
+        return fp is not None and (not want or fp == want)
+
+    for rec in (meta.get("encoder"), meta.get("encoder_path")):
+        if isinstance(rec, str) and rec and fits(Path(final) / rec):  # an absolute rec replaces final
+            return (Path(final) / rec).resolve(), tried
+    if want:
+        run = Path(final).resolve().parent
+        for base in dict.fromkeys((run, run.parent, run.parent.parent)):
+            for pattern in _BESIDE:
+                for hit in sorted(base.glob(pattern)):
+                    if fits(hit.parent):
+                        return hit.parent.resolve(), tried
+    return None, tried
 
 
 def _buffers_file(out: Path, step: int, rank: int) -> Path:

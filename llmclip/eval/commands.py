@@ -46,6 +46,18 @@ def _report_embeddings(
     return torch.from_numpy(rows[:, cache.variant_index(variant)])
 
 
+def _cache_holds(cache_dir: str, test: Any) -> bool:
+    """Whether the cache has rows for every held-out sample (shard names alone can coincide:
+    every dataset's shards are called test-000000, ...)."""
+    from llmclip.cache import EmbeddingCache
+
+    cache = EmbeddingCache(cache_dir)
+    if any(s not in cache.counts for s in set(test.shards)):
+        return False
+    held = {s: set(cache.keys(s)) for s in set(test.shards)}
+    return all(k in held[s] for s, k in zip(test.shards, test.keys, strict=True))
+
+
 def eligible_findings(synthetic: bool, classes: list[str]) -> list[str]:
     """Findings in the macro AUROC: what the phantom renderer draws for synthetic images, else all
     findings but No Finding."""
@@ -70,7 +82,7 @@ def evaluate(
 ) -> dict[str, Any]:
     from llmclip.clinical import CHEXPERT_CLASSES
     from llmclip.clip.batching import report_text
-    from llmclip.clip.inference import load
+    from llmclip.clip.inference import load_model
     from llmclip.data.shards import load_manifest, parse_spec
     from llmclip.eval import image_text as it
     from llmclip.eval.align import cxr_align
@@ -80,7 +92,8 @@ def evaluate(
 
     t0 = time.time()
     out = Path(out)
-    clip = load(model, encoder=encoder)
+    clip = load_model(model, encoder=encoder)
+    given_cache = cache
     cache = cache or clip.meta.get("cache")
     if cache and not Path(cache).is_dir():
         cache = None
@@ -94,6 +107,8 @@ def evaluate(
         return clip.encode_text(strings).cpu()
 
     # True reports: cached rows when available (exactly what training paired), else online.
+    if cache and not given_cache and not _cache_holds(cache, test):
+        cache = None  # the training cache, but other images (another dataset): encode online
     raw = _report_embeddings(clip, test, texts, cache, clip.meta.get("text_variant", "report"))
     txt = clip.encode_text_embeddings(raw).cpu() if raw is not None else encode(texts)
 
