@@ -132,7 +132,8 @@ def build_inputs(args: argparse.Namespace, n: int, cache_dir: Path) -> list[dict
 
 
 class Batches:
-    """The trainer's ``ShardStream`` with the loader's batches prebuilt: ``next()`` cycles them."""
+    """The trainer's data stream (``llmclip.data.order.RankStream``) with its takes prebuilt:
+    ``next()`` cycles them."""
 
     def __init__(self, samples: list[dict], b: int):
         self.batches = [samples[i : i + b] for i in range(0, len(samples), b)]

@@ -3,6 +3,7 @@
 #
 #   launch.sh batch train CONFIG.yaml [--set key=value ...]       (from stage1.sh / stage2.sh)
 #   launch.sh batch cache ENCODER SHARDS [OUT] [cache build args]  (from cache.sh)
+#   launch.sh batch selftest [--out DIR] [--shards DIR]            (from selftest.sh)
 #   launch.sh node  ...same arguments...                           (one srun task per node)
 #
 # `batch` runs in the sbatch script: it works out the nodes, ranks per node, master address and
@@ -169,7 +170,11 @@ program() {
       PROGRAM=(-m llmclip.cli cache build --encoder "$encoder" --shards "$shards" --out "$out"
         --no-progress "$@")
       ;;
-    *) die "unknown job kind '$kind' (train or cache)" ;;
+    selftest)
+      # One short run of each stage on every rank, then per-node speed (llmclip/selftest.py).
+      PROGRAM=(-m llmclip.selftest "$@")
+      ;;
+    *) die "unknown job kind '$kind' (train, cache or selftest)" ;;
   esac
 }
 
@@ -270,6 +275,6 @@ if [ "${BASH_SOURCE[0]}" = "$0" ]; then
   case "$mode" in
     batch) batch_main "$@" ;;
     node) node_main "$@" ;;
-    *) die "usage: launch.sh batch|node train|cache ARGS..." ;;
+    *) die "usage: launch.sh batch|node train|cache|selftest ARGS..." ;;
   esac
 fi

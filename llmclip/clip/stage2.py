@@ -52,7 +52,9 @@ class DataConfig:
     augment: bool = True
     """Light random affine jitter (shift, scale) on the training images."""
     epoch_samples: int = 0
-    """Samples per rank and epoch (0 = the training split's size / ranks); equal on every rank."""
+    """Samples per epoch, all ranks together (0 = every usable training sample once): each epoch is
+    the first ``epoch_samples`` of that epoch's global order (``llmclip.data.order``), the same on
+    any number of ranks."""
 
     def check_paths(self) -> None:
         """Existence of the cache and encoder folders (checked at trainer start, so that recipes
@@ -262,7 +264,9 @@ def _now() -> float:
 
 
 def _env_threads() -> None:
-    # Ranks on one CPU host share its cores: give each rank its share instead of all of them.
-    if not torch.cuda.is_available():
+    # Ranks on one CPU host share its cores: give each rank its share instead of all of them. An
+    # exported OMP_NUM_THREADS wins (torch already took it; slurm/launch.sh sets it per node), as in
+    # the cache builder: the same thread count wherever a rank runs keeps its steps bit-identical.
+    if not torch.cuda.is_available() and not os.environ.get("OMP_NUM_THREADS"):
         local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")) or 1)
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))

@@ -1,17 +1,17 @@
 """The stage-2 training loop (see ``llmclip.clip.stage2`` for the config and the entry point).
 
 One optimizer step = ``grad_accum`` micro-batches per rank. Every rank runs exactly ``max_steps``
-steps (the contrastive loss is a collective), pulling batches from its own shard stream; a rank
-that finishes its epoch first starts its next epoch. Randomness (augmentation, drop-path) is
+steps (the contrastive loss is a collective); each micro-batch is the rank's take of the global
+data order, epochs chained without a gap. Randomness (augmentation, drop-path) is
 re-seeded from (seed, step, rank) every step, and the data position is saved with every
 checkpoint, so a killed run resumed from its last checkpoint takes the same steps as an
-uninterrupted one.
+uninterrupted one. The data order is global (``llmclip.data.order``): the position is a count of
+samples, so a run resumed on another number of ranks continues from the exact sample.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,6 @@ from llmclip.clip.batching import (
     label_matrix,
     report_text,
     text_statistics,
-    unbatch,
 )
 from llmclip.clip.losses import edit_mask, total_loss
 from llmclip.clip.model import CLIPModel
@@ -40,6 +39,7 @@ from llmclip.clip.stage2 import (
     make_engine,
 )
 from llmclip.config import ConfigError, to_dict
+from llmclip.data.order import RankStream, build_index
 from llmclip.distributed import init_distributed
 from llmclip.faults import inject_nonfinite
 
@@ -52,67 +52,6 @@ def sample_shard(sample: dict[str, Any]) -> str:
             f"sample {sample.get('key')!r} carries no shard name; cannot find its cache rows"
         )
     return shard_name(str(name))
-
-
-class ShardStream:
-    """Endless micro-batches of one rank, epoch after epoch, with a resumable position."""
-
-    def __init__(self, cfg: Stage2Config, epoch_samples: int):
-        self.cfg = cfg
-        # Same samples per epoch on every rank, so ranks move through epochs together.
-        self.epoch_samples = epoch_samples
-        self.epoch = 0
-        self.consumed = 0  # batches taken from the current epoch
-        self._it: Iterator | None = None
-
-    def _open(self) -> Iterator:
-        from llmclip.data.loader import make_loader
-
-        d = self.cfg.data
-        loader = make_loader(
-            d.shards,
-            kind="image",
-            batch_size=self.cfg.deepspeed.micro_batch_size,
-            image_size=d.image_size,
-            epoch=self.epoch,
-            seed=self.cfg.run.seed,
-            num_workers=d.num_workers,
-            shuffle=True,
-            epoch_samples=self.epoch_samples,
-        )
-        it = iter(loader)
-        for _ in range(self.consumed):  # resume: replay the epoch's order, drop what was used
-            next(it)
-        return it
-
-    def next(self) -> list[dict[str, Any]]:
-        empty_epochs = 0
-        while True:
-            if self._it is None:
-                self._it = self._open()
-            try:
-                samples = unbatch(next(self._it))
-            except StopIteration:
-                self._it = None
-                empty_epochs = empty_epochs + 1 if self.consumed == 0 else 0
-                if empty_epochs > 1:
-                    raise ConfigError(
-                        f"rank has no full batch of {self.cfg.deepspeed.micro_batch_size} in "
-                        f"{self.cfg.data.shards} (too few samples or shards for this many ranks)",
-                        "data.shards",
-                    ) from None
-                self.epoch, self.consumed = self.epoch + 1, 0
-                continue
-            self.consumed += 1
-            # Equal batch sizes on every rank (the loss gathers); a short last batch is dropped.
-            if len(samples) == self.cfg.deepspeed.micro_batch_size:
-                return samples
-
-    def position(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "consumed": self.consumed}
-
-    def restore(self, pos: dict[str, int]) -> None:
-        self.epoch, self.consumed, self._it = int(pos["epoch"]), int(pos["consumed"]), None
 
 
 class Stage2Trainer:
@@ -157,11 +96,19 @@ class Stage2Trainer:
             self.model, cfg, self.env.world_size, get_accelerator().device_name()
         )
         self.device = self.engine.device
-        per_rank = cfg.data.epoch_samples or sum(s.count for s in shards) // self.env.world_size
         self.nonfinite_total = 0
         # SIGUSR1 (slurm/launch.sh): checkpoint at the step boundary, exit, get requeued.
         self.preempt = PreemptionHandler()
-        self.stream = ShardStream(cfg, max(per_rank, cfg.deepspeed.micro_batch_size))
+        self.stream = RankStream(
+            build_index(cfg.data.shards, "image", shards=shards),
+            seed=cfg.run.seed,
+            n=cfg.deepspeed.micro_batch_size,
+            rank=self.env.rank,
+            world_size=self.env.world_size,
+            image_size=cfg.data.image_size,
+            num_workers=cfg.data.num_workers,
+            epoch_samples=cfg.data.epoch_samples,
+        )
         self.step = 0
         if self.env.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -170,14 +117,8 @@ class Stage2Trainer:
             resumed = ckpt.load_latest(self.out, self.engine, self.env)
             if resumed is not None:
                 self.step = int(resumed["step"])
-                positions = resumed.get("data") or []
-                if len(positions) == self.env.world_size:
-                    self.stream.restore(positions[self.env.rank])
-                elif positions:
-                    # Another world size: shards are re-split, so start the next epoch afresh.
-                    self.stream.restore(
-                        {"epoch": max(int(p["epoch"]) for p in positions) + 1, "consumed": 0}
-                    )
+                # A global sample count: valid on any number of ranks (llmclip.data.order).
+                self.stream.restore(resumed.get("data"))
                 if self.env.is_main:
                     print(f"stage2: resumed from step {self.step}", flush=True)
 
@@ -346,9 +287,8 @@ class Stage2Trainer:
             "text_variant": self.cfg.data.text_variant,
             "cache": str(Path(self.cfg.data.cache).resolve()),
             "cache_fingerprint": self.cache.fingerprint,
-            "encoder": str(Path(self.cfg.data.encoder).resolve())
-            if self.cfg.data.encoder
-            else None,
+            # Relative to RUN/final where possible, so a run copied with its encoder still finds it.
+            **ckpt.encoder_record(self.cfg.data.encoder, self.out / "final"),
             "instruction": self.cache.identity.instruction,
             # The graph encoder's embedding rows are GRAPH_VOCAB indices: tie them to that list.
             "graph_vocab_sha": GRAPH_VOCAB_SHA if self.cfg.model.graph.enabled else None,
@@ -363,20 +303,12 @@ class Stage2Trainer:
             # miss exp_avg/exp_avg_sq. Relink now that every group has state (cheap: views).
             opt._hp_optimizer_states_linked = False
             opt._lazy_init_hp_params_optimizer_state()
-        pos = torch.tensor(
-            [self.stream.epoch, self.stream.consumed], dtype=torch.long, device=self.device
-        )
-        if self.env.world_size > 1:
-            parts = [torch.zeros_like(pos) for _ in range(self.env.world_size)]
-            dist.all_gather(parts, pos)
-        else:
-            parts = [pos]
-        positions = [{"epoch": int(p[0]), "consumed": int(p[1])} for p in parts]
+        # The same on every rank (the ranks take in lockstep): no gather needed.
         ckpt.save(
             self.out,
             self.step,
             self.engine,
-            {"data": positions},
+            {"data": self.stream.position()},
             self.cfg.run.keep_checkpoints,
             self.env,
         )

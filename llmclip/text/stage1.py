@@ -254,11 +254,13 @@ def _to(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-def calibrate_standardize(engine: Any, cfg: Stage1Config, device: torch.device) -> None:
+def calibrate_standardize(engine: Any, cfg: Stage1Config, device: torch.device,
+                          index: Any = None) -> None:
     """Set the pooler's ``Standardize`` from pooled-vector statistics of training reports.
 
-    Every rank measures ``model.calibration_reports`` reports of its own (a separately seeded pass,
-    so the training data position is untouched); sums are all-reduced. Runs before step 1, where
+    Every rank measures ``model.calibration_reports`` reports of its own (its take of a separately
+    seeded order, so the training data position is untouched); sums are all-reduced. ``index``: the
+    training stream's ``SampleIndex``, to not read the shards twice. Runs before step 1, where
     LoRA's B matrices are zero, so the statistics are those of the model training starts from.
     """
     import torch.distributed as dist
@@ -269,8 +271,8 @@ def calibrate_standardize(engine: Any, cfg: Stage1Config, device: torch.device) 
 
     enc = engine.module.encoder
     std = enc.pooler.standardize
-    texts = [report_text(m) for m in ReportStream(cfg.data.shards, seed=cfg.run.seed + 7919).take(
-        cfg.model.calibration_reports)]
+    texts = [report_text(m) for m in ReportStream(cfg.data.shards, seed=cfg.run.seed + 7919,
+                                                  index=index).take(cfg.model.calibration_reports)]
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     if distributed:  # the same number of reports (so of forwards: ZeRO-3 gathers) on every rank
         n = torch.tensor([len(texts)], dtype=torch.int64, device=device)
@@ -301,7 +303,14 @@ def calibrate_standardize(engine: Any, cfg: Stage1Config, device: torch.device) 
 
 
 def _cpu_threads() -> None:
-    """Split the CPU cores between the ranks of this node instead of oversubscribing them."""
+    """Split the CPU cores between the ranks of this node instead of oversubscribing them.
+
+    An exported ``OMP_NUM_THREADS`` wins (torch already took it), as in the cache builder: it is what
+    slurm/launch.sh sets per node, and two ranks only compute bit-identical steps wherever they
+    run with the same thread count.
+    """
+    if os.environ.get("OMP_NUM_THREADS"):
+        return
     local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 0)
     if not local:
         local = int(os.environ.get("WORLD_SIZE", "1"))
@@ -381,18 +390,19 @@ def run(cfg: Stage1Config) -> int:
     blank_id = blank_token_id(encoder.tokenizer)
 
     stream = ReportStream(cfg.data.shards, seed=cfg.run.seed, num_workers=cfg.data.num_workers)
+
+    def data_state() -> dict[str, Any]:
+        # A global sample count, the same on every rank: valid on any world size (llmclip.data.order).
+        return {"data": {"position": stream.position()}}
+
     start = 0
     ckpt = latest_checkpoint(out) if cfg.run.resume else None
     if ckpt is None and cfg.model.standardize:
-        calibrate_standardize(engine, cfg, device)
+        calibrate_standardize(engine, cfg, device, stream.index)
     if ckpt is not None:
         info = load_checkpoint(ckpt, engine)
         start = int(info["step"])
-        positions = info.get("data", {}).get("consumed_per_rank", [])
-        if len(positions) == env.world_size:
-            stream.skip(int(positions[env.rank]))
-        else:
-            log.warning("checkpoint from %d ranks, now %d: data order restarts", len(positions), env.world_size)
+        stream.restore((info.get("data") or {}).get("position"))
         if env.is_main:
             _truncate_metrics(out / "metrics.jsonl", start)
             log.info("resumed from %s at step %d", ckpt, start)
@@ -444,29 +454,24 @@ def run(cfg: Stage1Config) -> int:
             rec = {"step": step, "objective": kind, "loss": mean_loss,
                    "lr": engine.get_lr()[0], "step_time_s": time.perf_counter() - t0,
                    "step_cpu_s": time.process_time() - c0,  # rank 0's CPU time: wall on an idle machine
-                   "samples_seen": step * cfg.deepspeed.micro_batch_size * accum * env.world_size, **metrics}
+                   "samples_seen": stream.samples, **metrics}
             with open(out / "metrics.jsonl", "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(rec) + "\n")
             if engine.monitor is not None and engine.monitor.enabled:
                 engine.monitor.write_events([(f"stage1/{k}", float(v), step) for k, v in rec.items()
                                              if isinstance(v, (int, float)) and k != "step"])
         if cfg.run.save_every and step % cfg.run.save_every == 0 and step < cfg.optim.max_steps:
-            consumed = all_gather_no_grad(torch.tensor([stream.consumed], device=device)).tolist()
-            save_checkpoint(out, step, engine, {"data": {"consumed_per_rank": consumed}},
-                            keep=cfg.run.keep_checkpoints)
+            save_checkpoint(out, step, engine, data_state(), keep=cfg.run.keep_checkpoints)
         if step < cfg.optim.max_steps and preempt.requested():  # every rank, same step
-            consumed = all_gather_no_grad(torch.tensor([stream.consumed], device=device)).tolist()
-            save_checkpoint(out, step, engine, {"data": {"consumed_per_rank": consumed}},
-                            keep=cfg.run.keep_checkpoints)
+            save_checkpoint(out, step, engine, data_state(), keep=cfg.run.keep_checkpoints)
             log.warning("SIGUSR1: checkpoint at step %d written; exit %d to be requeued", step,
                         PREEMPTED_EXIT_CODE)
             return PREEMPTED_EXIT_CODE
     if bar is not None:
         bar.close()
-    consumed = all_gather_no_grad(torch.tensor([stream.consumed], device=device)).tolist()
-    save_checkpoint(out, step, engine, {"data": {"consumed_per_rank": consumed}}, keep=cfg.run.keep_checkpoints)
+    save_checkpoint(out, step, engine, data_state(), keep=cfg.run.keep_checkpoints)
     if stream.dropped and env.is_main:
-        log.warning("%d samples without report text were skipped", stream.dropped)
+        log.warning("%d samples left out or stood in for (no report text, unreadable)", stream.dropped)
     if hf_ds is not None:
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 

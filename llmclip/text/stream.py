@@ -1,84 +1,63 @@
-"""An endless, resumable per-rank stream of report samples from text-only shards.
+"""An endless, resumable stream of report samples for one rank, from text-only shards.
 
-The data loader (``llmclip.data.loader.make_loader(kind="text")``) splits shards by rank and worker
-and shuffles per epoch from ``seed``; this stream chains its epochs forever, drops samples without
-report text (counted), and counts every raw sample it pulls. That count *is* the data position: a
-resumed run rebuilds the same epochs and skips the same number of raw samples, so it sees exactly
-the samples the uninterrupted run would have seen, without replaying pair building.
+The samples come in the global data order of ``llmclip.data.order``: every report with text, a
+permutation per epoch drawn from the seed alone, epochs chained; each call to ``take(n)`` (every rank
+at the same time, the same ``n``) hands rank ``r`` of ``W`` the stream positions
+``[p + r*n, p + (r+1)*n)`` and moves the shared position ``p`` on by ``W*n``. That position is what a
+checkpoint stores: a run resumed on any number of ranks continues from the exact sample, so it sees
+exactly the samples an uninterrupted run would have seen, without replaying pair building.
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Iterator
 from typing import Any
 
-from llmclip.config import ConfigError
+from llmclip.data.order import RankStream, SampleIndex, build_index
+from llmclip.distributed import dist_env
 from llmclip.text.pairs import report_text
 
-log = logging.getLogger(__name__)
 
-
-def _metas(batch: Any) -> list[dict[str, Any]]:
-    """Sample metadata dicts from one loader batch (a dict of lists, or a list of sample dicts)."""
-    if isinstance(batch, dict):
-        metas = batch.get("meta")
-        if metas is None:
-            raise ValueError(f"text loader batch without 'meta': keys {sorted(batch)}")
-        return list(metas)
-    return [s["meta"] for s in batch]
+def report_index(spec: str) -> SampleIndex:
+    """The index of the text shards ``spec``: every sample whose report has text (stage 1 reads
+    the one clinical text, ``report_text``; reports without one are left out and counted)."""
+    return build_index(spec, "text", usable=lambda meta: bool(report_text(meta)))
 
 
 class ReportStream:
-    """Report samples for this rank, epoch after epoch; ``consumed`` is the resumable position."""
+    """Report samples (sample json dicts) for this rank; ``position()`` is the resumable position."""
 
-    def __init__(self, spec: str, seed: int, num_workers: int = 0, loader_batch: int = 64):
+    def __init__(self, spec: str, seed: int, num_workers: int = 0, *, index: SampleIndex | None = None,
+                 rank: int | None = None, world_size: int | None = None):
+        env = dist_env()
         self.spec = spec
-        self.seed = seed
-        self.num_workers = num_workers
-        self.loader_batch = loader_batch
-        self.consumed = 0
-        """Raw samples pulled so far (kept and dropped)."""
-        self.dropped = 0
-        """Samples without report text, skipped."""
-        self.epoch = 0
-        self._it: Iterator[dict[str, Any]] = self._samples()
+        self.index = index if index is not None else report_index(spec)
+        self._stream = RankStream(self.index, seed=seed, n=1,
+                                  rank=env.rank if rank is None else rank,
+                                  world_size=env.world_size if world_size is None else world_size,
+                                  num_workers=num_workers)
 
-    def _samples(self) -> Iterator[dict[str, Any]]:
-        from llmclip.data.loader import make_loader
+    @property
+    def epoch(self) -> int:
+        return self._stream.epoch
 
-        while True:
-            loader = make_loader(self.spec, kind="text", batch_size=self.loader_batch, image_size=0,
-                                 epoch=self.epoch, seed=self.seed, num_workers=self.num_workers,
-                                 shuffle=True)
-            n = 0
-            for batch in loader:
-                for meta in _metas(batch):
-                    n += 1
-                    yield meta
-            if n == 0:
-                raise ConfigError(f"no text samples reached this rank from {self.spec} in epoch "
-                                  f"{self.epoch}; use at least as many text shards as ranks", "data.shards")
-            self.epoch += 1
+    @property
+    def samples(self) -> int:
+        """Samples taken by all ranks together since the first epoch began."""
+        return self._stream.absolute
 
-    def skip(self, raw: int) -> None:
-        """Fast-forward to position ``raw`` (from a checkpoint) without building anything."""
-        while self.consumed < raw:
-            meta = next(self._it)
-            self.consumed += 1
-            if not report_text(meta):
-                self.dropped += 1
+    @property
+    def dropped(self) -> int:
+        """Samples left out of the order (no report text, unreadable) or replaced when unreadable."""
+        return sum(self.index.skipped.values()) + sum(self._stream.unreadable.values())
 
     def take(self, n: int) -> list[dict[str, Any]]:
-        """The next ``n`` samples that have report text."""
-        out: list[dict[str, Any]] = []
-        while len(out) < n:
-            meta = next(self._it)
-            self.consumed += 1
-            if report_text(meta):
-                out.append(meta)
-            else:
-                self.dropped += 1
-                if self.dropped in (1, 10, 100, 1000):
-                    log.warning("%d samples without report text skipped so far (%s)", self.dropped, self.spec)
-        return out
+        """This rank's next ``n`` samples (every rank calls with the same ``n`` at the same time)."""
+        return [s["meta"] for s in self._stream.take(n)]
+
+    def position(self) -> dict[str, Any]:
+        """What a checkpoint stores (the same on every rank)."""
+        return self._stream.position()
+
+    def restore(self, saved: Any) -> None:
+        """Continue from a checkpoint's ``position()``, taken on any number of ranks."""
+        self._stream.restore(saved)

@@ -17,7 +17,7 @@ import torch
 
 from llmclip.cache import EmbeddingCache
 from llmclip.clip.batching import cache_rows, report_text
-from llmclip.clip.inference import load
+from llmclip.clip.inference import load_model
 from llmclip.eval.image_text import embed_test_set, retrieval
 from llmclip.train import main as train_main
 
@@ -131,7 +131,7 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(stage2_runs):
 def test_trained_model_retrieves_held_out_rendered_images_above_chance(
     stage2_runs, openi_shards, stage2_lm_cache
 ):
-    clip = load(stage2_runs["full"])
+    clip = load_model(stage2_runs["full"])
     test = embed_test_set(clip, f"{openi_shards}:val,test", batch_size=32, num_workers=0)
     cache = EmbeddingCache(stage2_lm_cache)
     rows = torch.from_numpy(

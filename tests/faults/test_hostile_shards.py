@@ -34,6 +34,7 @@ from llmclip.cache import shard_keys
 from llmclip.cache_build import read_reports
 from llmclip.config import ConfigError
 from llmclip.data.loader import make_loader
+from llmclip.data.order import build_index
 
 RSS_LIMIT_MB = 1200  # a reader that holds a hostile member in memory needs 2-5 GB
 
@@ -107,6 +108,11 @@ def test_hostile_members_never_execute_or_escape_and_are_counted(hostile, tmp_pa
         assert sk["bad_json"] >= 1 and sk["bad_utf8"] == 1 and sk["duplicate_key"] == 1, dict(sk)
         assert sk["bad_key"] == 2, dict(sk)
         assert loader.ignored["pyd"] == 1 and loader.ignored["pickle"] == 1
+        # The training data order's index (llmclip.data.order) keeps the same samples, same reasons.
+        index = build_index(str(shards), kind)
+        assert sorted(index.keys) == ["a", "b", "c", "d"], (kind, index.keys, dict(index.skipped))
+        assert {k: index.skipped[k] for k in ("bad_key", "duplicate_key", "bad_utf8")} == \
+            {"bad_key": 2, "duplicate_key": 1, "bad_utf8": 1} and index.skipped["bad_json"] >= 1
     # The cache builder needs a row for every key in order: it refuses the shard, naming it.
     with pytest.raises(ConfigError, match="train-000000.tar"):
         list(read_reports(shards / "text" / "train-000000.tar"))
@@ -164,13 +170,15 @@ from llmclip.data.shards import verify
 root = sys.argv[1]
 loader = make_loader(root, kind="text", batch_size=4, num_workers=0, shuffle=False)
 keys = [k for b in loader for k in b["key"]]
+from llmclip.data.order import build_index
+index = build_index(root, "text")
 try:
     n = sum(1 for _ in read_reports(root + "/text/train-000000.tar"))
     cache = f"read {n}"
 except ConfigError as e:
     cache = f"ConfigError: {e}"
 v = verify(root)
-print(json.dumps({"keys": keys, "skipped": dict(loader.skipped), "cache": cache,
+print(json.dumps({"keys": keys, "skipped": dict(loader.skipped), "cache": cache, "index": index.keys,
                   "verify_ok": v.ok, "problems": len(v.problems), "first": v.problems[:2]}))
 """
 
@@ -190,6 +198,7 @@ def test_huge_or_countless_members_keep_memory_bounded(attack, tmp_path):
     assert peak < RSS_LIMIT_MB, f"{attack}: peak RSS {peak:.0f} MiB"
     assert not res["verify_ok"] and res["problems"] >= 1
     assert res["cache"].startswith("ConfigError") and "train-000000.tar" in res["cache"], res
+    assert res["index"] == res["keys"], res  # the training order's index keeps what the loader does
     if attack == "tar-bomb-100K":
         assert res["keys"] == [] and res["skipped"] == {"missing_json": 100_000}, res["skipped"]
     else:
