@@ -169,7 +169,7 @@ def check_stage1(env: Env, work: Path) -> dict[str, Any]:
     from transformers.integrations import HfDeepSpeedConfig
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-    from llmclip.config import DeepSpeedSection, OptimConfig, RunConfig
+    from llmclip.config import DeepSpeedSection, OptimConfig, RunConfig, lr_factor
     from llmclip.plan import MODELS, PEAK_TFLOPS, PlanInput, plan
     from llmclip.text.encoder import LoraSection, ModelConfig
     from llmclip.text.kernels import attention_backends, kernels_of, liger_status
@@ -178,7 +178,6 @@ def check_stage1(env: Env, work: Path) -> dict[str, Any]:
         Stage1Config,
         Stage1Module,
         deepspeed_config,
-        lr_lambda,
         param_groups,
     )
 
@@ -209,7 +208,7 @@ def check_stage1(env: Env, work: Path) -> dict[str, Any]:
     enc = LLMEncoder.build(cfg.model, torch.bfloat16 if not env.smoke else torch.float32)
     module = Stage1Module(enc, cfg.stage1)
     opt = torch.optim.AdamW(param_groups(module, cfg.optim.weight_decay), lr=cfg.optim.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.optim))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.optim))
     engine, _, _, _ = deepspeed.initialize(
         model=module, optimizer=opt, lr_scheduler=sched, config=ds_config
     )

@@ -248,8 +248,9 @@ class LLMClipEngineStep:
         import deepspeed
         from transformers.integrations import HfDeepSpeedConfig
 
+        from llmclip.config import lr_factor
         from llmclip.text.encoder import LLMEncoder
-        from llmclip.text.stage1 import Stage1Module, deepspeed_config, lr_lambda, param_groups
+        from llmclip.text.stage1 import Stage1Module, deepspeed_config, param_groups
 
         C.single_rank_env()
         ds_config = deepspeed_config(cfg, 1)
@@ -265,7 +266,7 @@ class LLMClipEngineStep:
             param_groups(module, cfg.optim.weight_decay), lr=cfg.optim.lr,
             betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
         )  # fmt: skip
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.optim))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.optim))
         self.engine, _, _, _ = deepspeed.initialize(
             model=module, optimizer=opt, lr_scheduler=sched, config=ds_config
         )

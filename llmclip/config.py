@@ -337,6 +337,16 @@ class OptimConfig:
             raise ConfigError("must be >= 0", "grad_clip")
 
 
+def lr_factor(step: int, optim: OptimConfig) -> float:
+    """The one learning-rate schedule of both stages, as a factor of ``optim.lr``: linear warmup to 1
+    over ``warmup_steps``, then cosine to ``min_lr_ratio`` at ``max_steps``."""
+    if optim.warmup_steps and step < optim.warmup_steps:
+        return (step + 1) / optim.warmup_steps
+    span = max(1, optim.max_steps - optim.warmup_steps)
+    progress = min(1.0, (step - optim.warmup_steps) / span)
+    return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 @dataclasses.dataclass
 class DeepSpeedSection:
     config: str = "ds_configs/cpu_zero2.json"

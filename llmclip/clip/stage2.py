@@ -13,7 +13,6 @@ latest.
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from llmclip.config import (
     DeepSpeedSection,
     OptimConfig,
     RunConfig,
+    lr_factor,
     resolve_precision,
 )
 
@@ -181,15 +181,6 @@ def make_optimizer(
         eps=optim.eps,
         fused=device_type in FUSED_ADAMW_DEVICES,
     )
-
-
-def lr_factor(step: int, optim: OptimConfig) -> float:
-    """Linear warmup to 1 over ``warmup_steps``, then cosine to ``min_lr_ratio`` at ``max_steps``."""
-    if optim.warmup_steps and step < optim.warmup_steps:
-        return (step + 1) / optim.warmup_steps
-    span = max(1, optim.max_steps - optim.warmup_steps)
-    progress = min(1.0, (step - optim.warmup_steps) / span)
-    return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def build_ds_config(cfg: Stage2Config, world: int) -> dict[str, Any]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import random
 import time
@@ -28,6 +27,7 @@ from llmclip.config import (
     DeepSpeedSection,
     OptimConfig,
     RunConfig,
+    lr_factor,
     resolve_precision,
     to_dict,
 )
@@ -138,19 +138,6 @@ def deepspeed_config(cfg: Stage1Config, world_size: int) -> dict[str, Any]:
     return build_deepspeed_config(
         cfg.deepspeed, cfg.run, cfg.optim.grad_clip, world_size, "stage1", use_bf16(cfg.deepspeed)
     )
-
-
-def lr_lambda(optim: OptimConfig):
-    """Linear warmup to 1, then cosine to ``min_lr_ratio`` at ``max_steps``."""
-
-    def f(step: int) -> float:
-        if step < optim.warmup_steps:
-            return (step + 1) / (optim.warmup_steps + 1)
-        span = max(1, optim.max_steps - optim.warmup_steps)
-        t = min(1.0, (step - optim.warmup_steps) / span)
-        return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
-
-    return f
 
 
 def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -381,7 +368,7 @@ def run(cfg: Stage1Config) -> int:
              mode, ds_config["zero_optimization"].get("stage"), env.world_size)
     optimizer = torch.optim.AdamW(param_groups(module, cfg.optim.weight_decay), lr=cfg.optim.lr,
                                   betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.optim))
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config)
     # from_pretrained returns eval mode; training mode also keeps bitsandbytes from repacking 4-bit
