@@ -6,7 +6,8 @@ It drives the real commands, in order, as subprocesses -- exactly what a user wo
     stage 1      (deepspeed, 2 CPU ranks, SmolLM2-135M made bidirectional, LoRA)
     cache build  (frozen encoder over every report: report, negated, laterality, severity edits)
     stage 2      (deepspeed, 2 CPU ranks, timm ViT on cached embeddings, clinical losses)
-    eval text    (seen and held-out variant families, with intervals, vs baselines; val + test)
+    eval text    (seen and held-out variant families, with intervals, vs baselines; val + test),
+                 then the encoder's model card refreshed with them (llmclip export)
     eval         (zero-shot and binary AUROC, linear probe, retrieval, CXR-Align, report.html)
 
 Each step first asks whether its output is already complete and skips if so, so a rerun after a
@@ -108,7 +109,9 @@ def plan_steps(out: Path, quick: bool, ranks: int) -> list[Step]:
         Step("eval text", _exists(out / "eval_text.json"),
              # val + test: both held-out patients (nothing selects on val), twice the items.
              [[llmclip, "eval", "text", "--encoder", str(stage1 / "final"), "--shards", f"{shards}:val,test",
-               "--max-reports", "800", "--out", str(out / "eval_text.json"), *text_baselines]]),
+               "--max-reports", "800", "--out", str(out / "eval_text.json"), *text_baselines],
+              # the encoder's model card then carries these held-out figures (same fingerprint)
+              [llmclip, "export", str(stage1 / "final"), "--metrics", str(out / "eval_text.json")]]),
         Step("eval", _exists(out / "eval" / "metrics.json"),
              [[llmclip, "eval", "--model", str(stage2), "--shards", f"{shards}:val,test", "--cache", str(cache),
                "--encoder", str(stage1 / "final"), "--out", str(out / "eval"),
