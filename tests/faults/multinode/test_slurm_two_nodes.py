@@ -1,5 +1,5 @@
 """`sbatch --nodes=2 slurm/selftest.sh` on a real two-node SLURM cluster on this machine (two slurmd,
-``tests/multinode/slurm_sandbox.py``): the batch script starts one srun task per node, each runs
+``tests/faults/multinode/slurm_sandbox.py``): the batch script starts one srun task per node, each runs
 ``launch.sh node`` -> torchrun for its node, and one short run of each stage (stage 1, the
 embedding cache, stage 2) spans both nodes; the table has one line per node.
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 # The tools of tests/faults (fault_tools: recipes, Proc, rank_env) are shared with this suite.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "faults"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/faults: fault_tools
 
 
 @pytest.fixture(scope="session")
