@@ -215,7 +215,7 @@ def single_rank_env() -> None:
 def openi_texts(n: int) -> list[str]:
     """``n`` real Open-I reports (findings + impression), cycled if ``n`` exceeds the archive."""
     from llmclip.assets import openi_reports_tgz
-    from llmclip.clinical.openi import read_openi
+    from llmclip.labels.openi import read_openi
 
     texts = [r.text for r in read_openi(openi_reports_tgz()) if r.text]
     return [texts[i % len(texts)] for i in range(n)]

@@ -6,7 +6,7 @@ shard, their real token lengths. Same decoder weights (SmolLM2-135M, first 4 lay
 tokenizer, max length (512), compute dtype and torch threads on both sides; both mean-pool the same
 tokens (the report tokens of ``[bos] report``: the BOS state is left out of the mean).
 
-- **llmclip** (ours): ``llmclip.cache_build.build_cache``, the function ``llmclip cache build`` runs
+- **llmclip** (ours): ``llmclip.cache.build.build_cache``, the function ``llmclip cache build`` runs
   on every rank, into a fresh folder: read the text shards, collect each shard's distinct texts,
   sort them by token length, encode them in token-budget batches
   (``LLMEncoder.encode``: 2048 tokens at most on a CPU), write the ``.emb.npy`` + ``.keys.json``
@@ -143,7 +143,7 @@ def main() -> None:
     dtype = DTYPES[args.precision]
 
     from llmclip.cache import EmbeddingCache
-    from llmclip.cache_build import (
+    from llmclip.cache.build import (
         CPU_BATCH_TOKENS,
         VARIANTS,
         BuildOptions,

@@ -162,7 +162,7 @@ class Peer:
 def openi_metas(n: int, seed: int = 0) -> list[dict]:
     """``n`` shard-style sample metas (report sections) of real Open-I reports, shuffled."""
     from llmclip.assets import openi_reports_tgz
-    from llmclip.clinical.openi import read_openi
+    from llmclip.labels.openi import read_openi
 
     metas = [
         {"report": {"findings": r.findings, "impression": r.impression, "full": r.text}}

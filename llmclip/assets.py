@@ -65,7 +65,7 @@ def minilm_dir() -> Path:
 
 def gemma3_gguf(fetch: bool = False) -> Path:
     """Gemma 3 270M GGUF in the asset cache; ``fetch`` downloads and assembles it if absent."""
-    from llmclip.text.sources import gemma3_gguf as find
+    from llmclip.asset_cache import gemma3_gguf as find
 
     return find(fetch=fetch)
 
@@ -103,7 +103,7 @@ def pneumonia_films(fetch: bool = False) -> Path:
     import tempfile
     import zipfile
 
-    from llmclip.text.sources import cache_root
+    from llmclip.asset_cache import cache_root
 
     final = cache_root() / "pneumonia-films"
     if (final / "films.csv").is_file():  # written last: its presence means the folder is complete

@@ -17,9 +17,9 @@ from llmclip.config import EXIT_CONFIG, ConfigError
 # a heavy import (deepspeed, transformers) only happens for the command that needs it.
 COMMANDS: dict[str, str] = {
     "assets": "llmclip.assets",
-    "cache": "llmclip.cache_cli",
+    "cache": "llmclip.cache.commands",
     "shards": "llmclip.data.commands",
-    "labels": "llmclip.clinical.commands",
+    "labels": "llmclip.labels.commands",
     "demo": "llmclip.demo",
     "plan": "llmclip.plan",
     "eval": "llmclip.eval.commands",

@@ -96,7 +96,7 @@ def _allreduce(device: torch.device) -> tuple[float, float]:
 
 def run(out: Path, shards: str | None) -> dict[str, float]:
     """Every part on this rank; returns its measurements (``COLUMNS``)."""
-    from llmclip.cache_build import BuildOptions, build_cache
+    from llmclip.cache.build import BuildOptions, build_cache
     from llmclip.distributed import barrier, init_distributed
 
     spec = shards or str(out / "shards")

@@ -22,7 +22,7 @@ from llmclip.config import EXIT_CONFIG, ConfigError, apply_overrides, from_dict,
 # stage -> (module with the trainer, its config class name, its run function name)
 STAGES: dict[int, tuple[str, str, str]] = {
     1: ("llmclip.text.stage1", "Stage1Config", "run"),
-    2: ("llmclip.clip.stage2", "Stage2Config", "run"),
+    2: ("llmclip.clip.trainer", "Stage2Config", "run"),
 }
 
 

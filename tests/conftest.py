@@ -120,7 +120,7 @@ def stage2_encoder_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def stage2_cache(tmp_path_factory, openi_shards, tiny_encoder_dir):
     """Embedding cache (report + negated report) of every split of ``openi_shards``, tiny encoder."""
-    from llmclip.cache_build import BuildOptions, build_cache
+    from llmclip.cache.build import BuildOptions, build_cache
 
     out = tmp_path_factory.mktemp("stage2") / "cache"
     build_cache(BuildOptions(encoder=str(tiny_encoder_dir), shards=str(openi_shards), out=str(out),
@@ -133,7 +133,7 @@ def stage2_lm_cache(tmp_path_factory, openi_shards, stage2_encoder_dir):
     """Embedding cache (report, negated report, laterality and severity edits: the columns of
     configs/stage2/tiny.yaml) of every split of ``openi_shards``, made by ``stage2_encoder_dir``:
     what the tiny 2-rank runs train on."""
-    from llmclip.cache_build import BuildOptions, build_cache
+    from llmclip.cache.build import BuildOptions, build_cache
 
     out = tmp_path_factory.mktemp("stage2") / "lm-cache"
     build_cache(BuildOptions(encoder=str(stage2_encoder_dir), shards=str(openi_shards), out=str(out),

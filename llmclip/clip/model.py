@@ -2,7 +2,7 @@
 learnable temperature and an optional report-graph encoder (a small relational GCN).
 
 The LLM is never part of this module: text enters as the frozen stage-1 embedding read from the
-cache (training) or produced online by the encoder (``llmclip.clip.inference``). Every output is
+cache (training) or produced online by the encoder (``llmclip.api``). Every output is
 L2-normalised in the shared ``embed_dim`` space, so similarities are cosines times ``logit_scale``.
 """
 

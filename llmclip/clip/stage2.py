@@ -1,4 +1,7 @@
-"""Stage 2: train the dual tower on image shards + the embedding cache, under DeepSpeed.
+"""Stage 2: the config and the pieces of a run (optimizer, schedule, engine, augmentation); the
+loop is ``llmclip.clip.trainer`` (which imports this module, never the other way round).
+
+Stage 2 trains the dual tower on image shards + the embedding cache, under DeepSpeed.
 
     deepspeed --num_gpus 2 llmclip/train.py --config configs/stage2/demo.yaml
 
@@ -233,21 +236,6 @@ def augment(pixels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         pixels - fill, grid, align_corners=False, padding_mode="zeros"
     )
     return out + fill
-
-
-def run(cfg: Stage2Config) -> int:
-    """Train (resuming when a checkpoint exists); ``RUN/final`` then holds the model.
-
-    Returns the exit code: 0, or ``llmclip.checkpoint.PREEMPTED_EXIT_CODE`` after a SIGUSR1
-    (checkpoint written; the SLURM script requeues the job, which resumes).
-    """
-    from llmclip.clip.trainer import Stage2Trainer
-
-    trainer = Stage2Trainer(cfg)
-    try:
-        return trainer.train()
-    finally:
-        trainer.close()
 
 
 def _now() -> float:

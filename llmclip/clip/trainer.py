@@ -320,3 +320,16 @@ class Stage2Trainer:
         writer = getattr(monitor, "tb_monitor", None)
         if writer is not None and getattr(writer, "summary_writer", None) is not None:
             writer.summary_writer.flush()
+
+
+def run(cfg: Stage2Config) -> int:
+    """Train (resuming when a checkpoint exists); ``RUN/final`` then holds the model.
+
+    Returns the exit code: 0, or ``llmclip.checkpoint.PREEMPTED_EXIT_CODE`` after a SIGUSR1
+    (checkpoint written; the SLURM script requeues the job, which resumes).
+    """
+    trainer = Stage2Trainer(cfg)
+    try:
+        return trainer.train()
+    finally:
+        trainer.close()

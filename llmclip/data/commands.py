@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 from llmclip.config import ConfigError
 from llmclip.data.sources import SOURCES
@@ -140,8 +139,3 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--json", action="store_true", help="print JSON")
     s.set_defaults(func=_stats)
 
-
-if __name__ == "__main__":
-    from llmclip.cli import main
-
-    sys.exit(main(["shards", *sys.argv[1:]]))

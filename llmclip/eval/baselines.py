@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from llmclip.eval.text import Encode, TextSuite
+from llmclip.eval.suite import Encode, TextSuite
 
 
 def llm_encoder(enc: Any, batch_tokens: int) -> Encode:

@@ -80,9 +80,9 @@ def evaluate(
     min_positives: int = 10,
     probe_shards: str | None = None,
 ) -> dict[str, Any]:
+    from llmclip.api import load_model
     from llmclip.clinical import CHEXPERT_CLASSES
     from llmclip.clip.batching import report_text
-    from llmclip.clip.inference import load_model
     from llmclip.data.shards import load_manifest, parse_spec
     from llmclip.eval import image_text as it
     from llmclip.eval.align import cxr_align

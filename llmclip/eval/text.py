@@ -36,7 +36,6 @@ import os
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,36 +43,10 @@ import numpy as np
 import torch
 
 from llmclip.config import ConfigError, resolve_precision
+from llmclip.eval.suite import Encode, TextSuite
 
 log = logging.getLogger("llmclip.eval.text")
 BASELINES = ("tfidf", "minilm", "base-llm")
-Encode = Callable[[list[str], str | None], np.ndarray]
-
-
-@dataclass
-class TextSuite:
-    """Everything an encoder is asked to embed, built once from the held-out reports."""
-
-    reports: list[str] = field(default_factory=list)
-    error_items: list[tuple[int, str, list[str], str]] = field(default_factory=list)
-    """(report index, rewrite, three edits, rewrite kind)."""
-    findings: list[str] = field(default_factory=list)
-    impression_of: list[int] = field(default_factory=list)
-    """Index into ``impressions`` of each findings' own impression."""
-    impressions: list[str] = field(default_factory=list)
-    abbreviated: list[tuple[int, str]] = field(default_factory=list)
-    """(report index, abbreviated rewrite)."""
-    edit_kinds: list[list[str]] = field(default_factory=list)
-    """Kinds of the three edits of each error item (for the per-kind breakdown)."""
-    heldout_items: list[tuple[int, str, list[str], str]] = field(default_factory=list)
-    """Held-out family error items: (report index, styled report, three styled edits, style)."""
-    heldout_kinds: list[list[str]] = field(default_factory=list)
-    heldout_abbreviated: list[tuple[int, str]] = field(default_factory=list)
-    """(report index, the report in the held-out abbreviation lexicon)."""
-    dropped: dict[str, int] = field(default_factory=dict)
-    """Held-out edits the Labeler did not confirm, by kind (dropped, not kept)."""
-
-
 def _norm(text: str) -> str:
     return " ".join(text.split())
 

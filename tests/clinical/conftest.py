@@ -9,7 +9,7 @@ import pytest
 def openi_reports():
     """All 3,955 Open-I reports (torchxrayvision's archive) with their MeSH terms."""
     from llmclip.assets import openi_reports_tgz
-    from llmclip.clinical.openi import read_openi
+    from llmclip.labels.openi import read_openi
 
     return read_openi(openi_reports_tgz())
 

@@ -103,8 +103,8 @@ def test_labels_show(capsys):
 def test_openi_reader_refuses_entity_declarations(tmp_path):
     """Both Open-I readers share one guard: a DTD / entity declaration (billion laughs, external
     entities) is refused with an error naming the archive, not expanded."""
-    from llmclip.clinical.openi import read_openi
     from llmclip.config import ConfigError
+    from llmclip.labels.openi import read_openi
 
     data = b'<?xml version="1.0"?><!DOCTYPE a [<!ENTITY x "y">]><a>&x;</a>'
     path = tmp_path / "hostile.tgz"

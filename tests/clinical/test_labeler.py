@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from llmclip.clinical import CHEXPERT_CLASSES, Labeler, LabelResult, Mention
-from llmclip.clinical.evaluate import evaluate_openi
-from llmclip.clinical.openi import mesh_to_chexpert
+from llmclip.labels.evaluate import evaluate_openi
+from llmclip.labels.openi import mesh_to_chexpert
 
 L = Labeler()
 

@@ -18,7 +18,7 @@ L = Labeler()
 def texts() -> list[str]:
     """Open-I findings + impression texts (module-level so hypothesis does not repr them)."""
     from llmclip.assets import openi_reports_tgz
-    from llmclip.clinical.openi import read_openi
+    from llmclip.labels.openi import read_openi
 
     return [r.text for r in read_openi(openi_reports_tgz()) if r.text.strip()]
 

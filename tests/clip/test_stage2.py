@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from llmclip.api import load_model
 from llmclip.cache import EmbeddingCache
 from llmclip.clip.batching import cache_rows, report_text
-from llmclip.clip.inference import load_model
 from llmclip.eval.image_text import embed_test_set, retrieval
 from llmclip.train import main as train_main
 

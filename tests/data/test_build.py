@@ -197,7 +197,8 @@ def test_padchest_text_only_resumes_after_kill(tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "llmclip.data.commands",
+        "llmclip.cli",
+        "shards",
         "build",
         "--out",
         str(out),

@@ -19,8 +19,8 @@ import pytest
 from fault_tools import ENGINE, PYTHON, REPO, digest, rank_env
 
 from llmclip.cache import EmbeddingCache, emb_path, sidecar_names, sidecar_state
-from llmclip.cache_build import BuildOptions as CacheOptions
-from llmclip.cache_build import build_cache
+from llmclip.cache.build import BuildOptions as CacheOptions
+from llmclip.cache.build import build_cache
 from llmclip.config import ConfigError
 from llmclip.data.build import BuildOptions, build
 

@@ -115,7 +115,7 @@ def test_hostile_checkpoints_are_refused_naming_the_file(tmp_path):
 
 # ---------------------------------------------------------------------------------- model folders
 def test_hostile_final_models_are_refused(tmp_path, stage2_reference, tiny_encoder_dir):
-    from llmclip.clip.inference import load
+    from llmclip.api import load
     from llmclip.text.encoder import LLMEncoder
 
     # Stage-2 RUN/final with a wrong-shaped tensor, then with a broken safetensors header.

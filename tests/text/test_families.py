@@ -126,7 +126,7 @@ def _train_solo(config: Path, log: Path) -> int:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_stage1_export_cache(family, openi_shards, tmp_path):
     from llmclip.cache import EmbeddingCache
-    from llmclip.cache_build import BuildOptions, build_cache
+    from llmclip.cache.build import BuildOptions, build_cache
 
     run = tmp_path / "run"
     config = tmp_path / "stage1.yaml"

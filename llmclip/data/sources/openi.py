@@ -15,7 +15,7 @@ same ``.tgz`` or to a folder of the extracted ``*.xml`` files.
 
 XML is parsed with ``defusedxml`` with DTDs forbidden (so no entity declarations either): neither
 external entities nor entity expansion ("billion laughs") can be triggered by a crafted file. This
-is the only XML parser of the project (``llmclip.clinical.openi`` reads reports through it too).
+is the only XML parser of the project (``llmclip.labels.openi`` reads reports through it too).
 """
 
 from __future__ import annotations

@@ -149,8 +149,8 @@ def _cmd_shards(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from llmclip.clinical.evaluate import evaluate_openi
-    from llmclip.clinical.openi import read_openi
+    from llmclip.labels.evaluate import evaluate_openi
+    from llmclip.labels.openi import read_openi
 
     if not args.openi:
         raise ConfigError("nothing to evaluate: pass --openi", key="labels eval")

@@ -17,7 +17,9 @@ refused). ``preprocess`` is the training loader's own transform (``llmclip.data.
 shorter side to the model's size, centre crop) and normalisation (``model.normalize_pixels``, with
 the statistics the run recorded), so an image is seen as in training.
 
-Internal callers that want the module only use ``load_model``.
+Internal callers that want the module only use ``load_model``. This module sits above both
+stages (it joins the stage-2 model with the stage-1 encoder), so ``llmclip.clip`` never imports the
+LLM code.
 """
 
 from __future__ import annotations

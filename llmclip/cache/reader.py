@@ -1,6 +1,6 @@
 """The embedding cache on disk and its reader: every report encoded once, aligned to the shards.
 
-Stage 2 never runs the LLM; it reads rows that ``llmclip.cache_build`` wrote. Layout of ``CACHE/``:
+Stage 2 never runs the LLM; it reads rows that ``llmclip.cache.build`` wrote. Layout of ``CACHE/``:
 
 - ``{split}-{NNNNNN}.emb.npy``: fp16 ``[n, variants, dim]``, row i = sample i of that shard;
 - ``{split}-{NNNNNN}.keys.json``: ``{"shard", "keys", "build"}``; ``build`` is the identity of the

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from llmclip.clinical.labeler import Labeler
 from llmclip.clinical.lexicon import CHEXPERT_CLASSES
-from llmclip.clinical.openi import OpenIReport, mesh_to_chexpert
+from llmclip.labels.openi import OpenIReport, mesh_to_chexpert
 
 
 @dataclass(frozen=True)

@@ -152,7 +152,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
-    from llmclip.cache_build import BuildOptions, build_cache
+    from llmclip.cache.build import BuildOptions, build_cache
     from llmclip.distributed import dist_env
 
     opts = BuildOptions(
