@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -32,7 +34,10 @@ def two_nodes(tmp_path, monkeypatch):
     up = subprocess.run([str(CLUSTER_UP)], capture_output=True, text=True, timeout=600)  # munge
     if up.returncode != 0:
         pytest.fail(f"tests/slurm/cluster_up.sh failed (SLURM and munge needed):\n{up.stderr[-3000:]}")
-    cluster = TwoNodeSlurm(tmp_path / "slurm2")
+    # A short root: slurmstepd's socket lives in the spool folder, and a Unix socket path may not
+    # exceed 108 bytes (pytest's tmp_path under a long test name does).
+    root = Path(tempfile.mkdtemp(prefix="slurm2-", dir="/tmp"))
+    cluster = TwoNodeSlurm(root)
     try:
         cluster.up()
         # sbatch/scontrol here, and srun inside the job, talk to this cluster; one rank per node.
@@ -42,6 +47,7 @@ def two_nodes(tmp_path, monkeypatch):
         yield cluster
     finally:
         cluster.down()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_selftest_job_spans_two_slurm_nodes(two_nodes, tmp_path: Path) -> None:
