@@ -47,6 +47,12 @@ def wait_all(procs: list[Proc], timeout: float = 600) -> list[int]:
     return [p.wait(timeout) for p in procs]
 
 
+def assert_all_ok(procs: list[Proc], what: str) -> None:
+    """Wait for every process; fail naming ``what``, the exit codes and each one's log tail."""
+    rcs = wait_all(procs)
+    assert rcs == [0] * len(procs), f"{what}: exit codes {rcs}\n" + "\n".join(p.tail() for p in procs)
+
+
 def node_env(node: int, nnodes: int, nproc: int, port: int, **extra: str) -> dict[str, str]:
     """What SLURM (and the user) give ``launch.sh node`` on node ``node`` of an ``nnodes``-node job
     on this host: every node is 127.0.0.1, ``nproc`` ranks per node, one master port."""

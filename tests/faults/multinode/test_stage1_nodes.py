@@ -22,23 +22,18 @@ import torch
 from fault_tools import metrics, stage1_recipe, write_config
 from multinode_tools import (
     RECORD_ENV,
+    assert_all_ok,
     check_exact_epochs,
     start_nodes,
     start_ranks,
     stream_keys,
     takes,
-    wait_all,
 )
 from safetensors.torch import load_file
 
 from llmclip.text.pairs import report_text
 
 pytestmark = pytest.mark.multinode
-
-
-def _ok(procs, what: str) -> None:
-    rcs = wait_all(procs)
-    assert rcs == [0] * len(procs), f"{what}: exit codes {rcs}\n" + "\n".join(p.tail() for p in procs)
 
 
 @pytest.fixture(scope="module")
@@ -52,12 +47,12 @@ def chain(tmp_path_factory, one_shard):
         recipe["optim"]["max_steps"] = steps
         return write_config(tmp / f"{tag}.yaml", recipe)
 
-    _ok(start_nodes(["train", str(cfg(ref, "ref", 9))], 1, tmp, "ref", nproc=2,
+    assert_all_ok(start_nodes(["train", str(cfg(ref, "ref", 9))], 1, tmp, "ref", nproc=2,
                     **{RECORD_ENV: str(rec["ref"])}), "one node, 2 ranks")
-    _ok(start_nodes(["train", str(cfg(run, "A", 9))], 2, tmp, "A", **{RECORD_ENV: str(rec["A"])}),
+    assert_all_ok(start_nodes(["train", str(cfg(run, "A", 9))], 2, tmp, "A", **{RECORD_ENV: str(rec["A"])}),
         "two nodes")
     shutil.copytree(run / "final", tmp / "final-A")
-    _ok(start_ranks(cfg(run, "B", 17), 1, tmp, "B", **{RECORD_ENV: str(rec["B"])}), "resume on 1 rank")
+    assert_all_ok(start_ranks(cfg(run, "B", 17), 1, tmp, "B", **{RECORD_ENV: str(rec["B"])}), "resume on 1 rank")
     return {"tmp": tmp, "run": run, "ref": ref, "rec": rec}
 
 

@@ -28,13 +28,13 @@ import torch
 from fault_tools import metrics, stage2_recipe, write_config
 from multinode_tools import (
     RECORD_ENV,
+    assert_all_ok,
     check_exact_epochs,
     kill_node,
     start_nodes,
     start_ranks,
     stream_keys,
     takes,
-    wait_all,
 )
 from safetensors.torch import load_file
 
@@ -50,11 +50,6 @@ def _args(cfg: Path) -> list[str]:
     return ["train", str(cfg)]
 
 
-def _ok(procs, what: str) -> None:
-    rcs = wait_all(procs)
-    assert rcs == [0] * len(procs), f"{what}: exit codes {rcs}\n" + "\n".join(p.tail() for p in procs)
-
-
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory, openi_shards, stage2_cache, tiny_encoder_dir):
     tmp = tmp_path_factory.mktemp("stage2_nodes")
@@ -67,11 +62,11 @@ def chain(tmp_path_factory, openi_shards, stage2_cache, tiny_encoder_dir):
         recipe["optim"]["max_steps"] = steps
         return write_config(tmp / f"{tag}.yaml", recipe)
 
-    _ok(start_nodes(_args(cfg(ref, "ref", 13)), 1, tmp, "ref", nproc=2,
+    assert_all_ok(start_nodes(_args(cfg(ref, "ref", 13)), 1, tmp, "ref", nproc=2,
                     **{RECORD_ENV: str(rec["ref"])}), "one node, 2 ranks")
-    _ok(start_nodes(_args(cfg(run, "A", 13)), 2, tmp, "A", **{RECORD_ENV: str(rec["A"])}), "two nodes")
+    assert_all_ok(start_nodes(_args(cfg(run, "A", 13)), 2, tmp, "A", **{RECORD_ENV: str(rec["A"])}), "two nodes")
     shutil.copytree(run / "final", tmp / "final-A")
-    _ok(start_ranks(cfg(run, "B", 21), 1, tmp, "B", **{RECORD_ENV: str(rec["B"])}), "resume on 1 rank")
+    assert_all_ok(start_ranks(cfg(run, "B", 21), 1, tmp, "B", **{RECORD_ENV: str(rec["B"])}), "resume on 1 rank")
 
     # C: two nodes again; node 1 lost mid-step after the step-24 checkpoint.
     nodes = start_nodes(_args(cfg(run, "C", 60, save_every=3, collective_timeout_s=TIMEOUT_S)), 2,
@@ -91,7 +86,7 @@ def chain(tmp_path_factory, openi_shards, stage2_cache, tiny_encoder_dir):
     nodes[1].wait(60)
     (tmp / "lost.json").write_text(json.dumps({k: v for k, v in lost.items() if k != "log"}))
 
-    _ok(start_nodes(_args(cfg(run, "D", 45, save_every=3)), 1, tmp, "D", nproc=1,
+    assert_all_ok(start_nodes(_args(cfg(run, "D", 45, save_every=3)), 1, tmp, "D", nproc=1,
                     **{RECORD_ENV: str(rec["D"])}), "rerun on one node")
     return {"tmp": tmp, "run": run, "ref": ref, "rec": rec, "lost": lost}
 
