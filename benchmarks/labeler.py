@@ -74,12 +74,13 @@ def negspacy_peer():
     except ImportError:
         sys.exit(f"the named peer is missing: {PIP_PEER}")
     from llmclip.clinical import labeler as lb
+    from llmclip.clinical import patterns as pt
     from llmclip.clinical.fastre import lower_same_length
 
     @Language.component("llmclip_lexicon_ents")
     def lexicon_ents(doc):
         spans = []
-        for m in lb.MENTIONS.finditer(lower_same_length(doc.text)):
+        for m in pt.MENTIONS.finditer(lower_same_length(doc.text)):
             s = doc.char_span(*m.span(), label=m.lastgroup, alignment_mode="expand")
             if s is not None:
                 spans.append(s)
@@ -97,7 +98,7 @@ def negspacy_peer():
             mentions = []
             for e in doc.ents:
                 status = "negative" if e._.negex else "positive"
-                for o in lb._GROUPS[e.label_][0]:
+                for o in pt._GROUPS[e.label_][0]:
                     st = lb._INVERT[status] if o == "No Finding" else status
                     mentions.append(SimpleNamespace(observation=o, status=st))
             out.append(lb.aggregate(mentions) if mentions else {})
@@ -109,12 +110,12 @@ def negspacy_peer():
 
 def earlier_regex():
     """The project's earlier labeler core: one plain alternation each for mentions and cues."""
-    from llmclip.clinical import labeler as lb
+    from llmclip.clinical import patterns as pt
 
-    mentions = re.compile(r"\b(?:" + "|".join(f"(?P<{n}>{rx})" for n, rx in lb._MENTION_ALTS) + ")")
+    mentions = re.compile(r"\b(?:" + "|".join(f"(?P<{n}>{rx})" for n, rx in pt._MENTION_ALTS) + ")")
     cues = re.compile(
         r"\b(?:"
-        + "|".join(f"(?:{f})" for _k, fr in lb._CUE_ORDER for f in fr if f[0].isalpha() or f[0] == "(")
+        + "|".join(f"(?:{f})" for _k, fr in pt._CUE_ORDER for f in fr if f[0].isalpha() or f[0] == "(")
         + ")"
     )
 

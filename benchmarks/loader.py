@@ -55,7 +55,8 @@ import webdataset as wds  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from llmclip.clip.model import VisionConfig  # noqa: E402
-from llmclip.data.build import BuildOptions, build  # noqa: E402
+from llmclip.data.build import build  # noqa: E402
+from llmclip.data.build_options import BuildOptions  # noqa: E402
 from llmclip.data.loader import make_loader  # noqa: E402
 from llmclip.data.shards import resolve_shards  # noqa: E402
 

@@ -70,7 +70,8 @@ def _data(out: Path, shards: str | None, env: Any) -> None:
         return
     folder = out / "shards"
     if env.is_main and not (folder / "manifest.json").is_file():
-        from llmclip.data.build import BuildOptions, build
+        from llmclip.data.build import build
+        from llmclip.data.build_options import BuildOptions
 
         build(BuildOptions(source="openi", out=str(folder), images="render", maxcount=96,
                            shard_size=8, image_size=64, workers=1), progress=False)

@@ -14,7 +14,7 @@
 # Preemption: the stage scripts ask for SIGUSR1 120 s before the time limit (--signal=B:USR1@120).
 # On USR1 (or `scancel --signal=USR1 --batch JOB`) the batch step forwards it to the srun step;
 # SLURM delivers it to every process of the step. The launchers ignore it (SIG_IGN set here is
-# inherited); the trainers catch it (llmclip.checkpoint.PreemptionHandler), write a checkpoint at the
+# inherited); the trainers catch it (llmclip.preemption.PreemptionHandler), write a checkpoint at the
 # end of the current step and exit with 75. The batch step then runs `scontrol requeue` and the
 # job starts again, resuming from RUN/checkpoints/latest. A program without a handler (the cache
 # builder) keeps working through the grace period, then the requeue stops it; its resume skips
@@ -30,7 +30,7 @@
 # ROOT/.venv), LLMCLIP_PREEMPT_GRACE_S (seconds to wait for the checkpoint after USR1, default 100).
 set -euo pipefail
 
-PREEMPTED_EXIT_CODE=75 # llmclip.checkpoint.PREEMPTED_EXIT_CODE: "checkpoint written, run me again"
+PREEMPTED_EXIT_CODE=75 # llmclip.preemption.PREEMPTED_EXIT_CODE: "checkpoint written, run me again"
 
 say() { echo "llmclip-slurm: $*" >&2; }
 die() { say "error: $*"; exit 2; }

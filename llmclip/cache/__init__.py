@@ -21,7 +21,6 @@ from llmclip.cache.reader import (
     shard_name,
     sidecar_names,
     sidecar_state,
-    split_member,
     write_meta,
     write_sidecar,
 )
@@ -29,5 +28,5 @@ from llmclip.cache.reader import (
 __all__ = [
     "DTYPES", "FORMAT", "META", "CacheIdentity", "CacheMismatch", "EmbeddingCache", "emb_path",
     "keys_path", "load_rows", "read_meta", "read_sidecar_keys", "shard_keys", "shard_name",
-    "sidecar_names", "sidecar_state", "split_member", "write_meta", "write_sidecar",
+    "sidecar_names", "sidecar_state", "write_meta", "write_sidecar",
 ]

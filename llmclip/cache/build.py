@@ -16,7 +16,6 @@ import dataclasses
 import json
 import os
 import sys
-import tarfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -33,14 +32,13 @@ from llmclip.cache import (
     read_meta,
     sidecar_names,
     sidecar_state,
-    split_member,
     write_meta,
     write_sidecar,
 )
 from llmclip.config import ConfigError, resolve_precision
+from llmclip.data.safetar import MAX_JSON_BYTES, UnreadableTar, read_members, split_key
 from llmclip.data.text import clinical_text
 
-MAX_MEMBER_BYTES = 16 << 20  # a report json larger than this is not a report
 # Texts per encode() call: enough for the encoder to form several full token-budget batches from a
 # length-sorted run, small enough that the progress bar moves.
 CHUNK_TOKENS_FACTOR = 8
@@ -70,7 +68,7 @@ def _one_error(kind: str) -> Callable[[dict[str, Any]], str]:
     text itself when the report offers none (stage 2 masks that row as identical)."""
 
     def column(report: dict[str, Any]) -> str:
-        from llmclip.clinical.variants import one_edit  # the clinical toolkit owns the edits
+        from llmclip.clinical.edits import one_edit  # the clinical toolkit owns the edits
 
         text = clinical_text(report)
         return one_edit(text, kind) or text
@@ -108,7 +106,7 @@ def parse_variants(spec: str | Sequence[str]) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Reading text shards: plain tarfile, bytes and json only (nothing decoded by type or unpickled).
+# Reading text shards: the safe tar reader, json only (nothing decoded by type or unpickled).
 # ----------------------------------------------------------------------------------------------
 
 
@@ -133,25 +131,22 @@ def read_reports(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
     js: bytes | None = None
     seen: set[str] = set()
     try:
-        with tarfile.open(path, "r|*") as tar:  # streaming: one member in memory at a time
-            for m in tar:
-                if not m.isfile():
-                    continue
-                k, ext = split_member(m.name)
-                if k != key:
-                    yield from finish(key, js)
-                    if k in seen:
-                        raise ConfigError(f"{path}: key {k!r} appears twice (members not grouped)")
-                    seen.add(k)
-                    key, js = k, None
-                if ext == "json":
-                    if m.size > MAX_MEMBER_BYTES:
-                        raise ConfigError(f"{path}: {m.name} is {m.size} bytes, not a report")
-                    f = tar.extractfile(m)
-                    js = f.read() if f is not None else None
-            yield from finish(key, js)
-    except (OSError, tarfile.TarError) as e:
-        raise ConfigError(f"cannot read shard {path}: {e}") from None
+        for m in read_members(path, read=lambda name: name.endswith(".json"),
+                              max_bytes=MAX_JSON_BYTES):
+            k, ext = split_key(m.name) or (m.name, "")
+            if k != key:
+                yield from finish(key, js)
+                if k in seen:
+                    raise ConfigError(f"{path}: key {k!r} appears twice (members not grouped)")
+                seen.add(k)
+                key, js = k, None
+            if ext == "json":
+                if m.oversized:
+                    raise ConfigError(f"{path}: {m.name} is {m.size} bytes, not a report")
+                js = m.data
+        yield from finish(key, js)
+    except UnreadableTar as e:
+        raise ConfigError(f"cannot read shard {e}") from None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tarfile
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from llmclip.config import ConfigError, writing
+from llmclip.data.safetar import UnreadableTar, read_members, split_key
 from llmclip.data.text import TEXT_SPEC
 
 FORMAT = "llmclip-cache/1"
@@ -56,28 +56,18 @@ def shard_name(shard: Any) -> str:
     return base
 
 
-def split_member(name: str) -> tuple[str, str]:
-    # WebDataset's rule: the key is the path up to the first dot of the base name.
-    head, _, base = name.rpartition("/")
-    stem, dot, ext = base.partition(".")
-    return (f"{head}/{stem}" if head else stem), ext if dot else ""
-
-
 def shard_keys(path: str | Path) -> list[str]:
-    """Sample keys of a shard in order, from member names only (image payloads are skipped)."""
+    """Sample keys of a shard in order, from member headers only (payloads are skipped)."""
     keys: list[str] = []
     seen: set[str] = set()
     try:
-        with tarfile.open(path, "r:*") as tar:
-            for m in tar:
-                if not m.isfile():
-                    continue
-                key, _ = split_member(m.name)
-                if key not in seen:
-                    seen.add(key)
-                    keys.append(key)
-    except (OSError, tarfile.TarError) as e:
-        raise ConfigError(f"cannot read shard {path}: {e}") from None
+        for m in read_members(path, read=lambda name: False):
+            key = (split_key(m.name) or (m.name, ""))[0]
+            if key not in seen:
+                seen.add(key)
+                keys.append(key)
+    except UnreadableTar as e:
+        raise ConfigError(f"cannot read shard {e}") from None
     return keys
 
 

@@ -1,6 +1,6 @@
 """Radiology vocabulary: observation phrases, negation/uncertainty cues, abbreviations, synonyms.
 
-Everything here is data (regex fragments and word lists); ``labeler.py`` compiles it once at import.
+Everything here is data (regex fragments and word lists); ``patterns.py`` compiles it once at import.
 The observation phrases follow the CheXpert labeler's mention lists, extended for the wording of
 North-American chest radiograph reports (Open-I / MIMIC style), common misspellings and the
 anonymisation placeholder ``XXXX``. Regex fragments are case-insensitive and get ``\\b`` on both

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import re
 
-from llmclip.clinical.labeler import Labeler, Mention, _predicate_status, _sentences
+from llmclip.clinical.labeler import Labeler, Mention, _predicate_status
+from llmclip.clinical.patterns import _sentences
 
 _LABELER = Labeler()
 

@@ -19,7 +19,6 @@ import torch
 import torch.distributed as dist
 
 from llmclip.cache import EmbeddingCache, shard_name
-from llmclip.checkpoint import PREEMPTED_EXIT_CODE, PreemptionHandler
 from llmclip.clinical.graph import GRAPH_VOCAB_SHA
 from llmclip.clip import state as ckpt
 from llmclip.clip.batching import (
@@ -42,6 +41,7 @@ from llmclip.config import ConfigError, to_dict
 from llmclip.data.order import RankStream, build_index
 from llmclip.distributed import init_distributed
 from llmclip.faults import inject_nonfinite
+from llmclip.preemption import PREEMPTED_EXIT_CODE, PreemptionHandler
 
 
 def sample_shard(sample: dict[str, Any]) -> str:
@@ -325,7 +325,7 @@ class Stage2Trainer:
 def run(cfg: Stage2Config) -> int:
     """Train (resuming when a checkpoint exists); ``RUN/final`` then holds the model.
 
-    Returns the exit code: 0, or ``llmclip.checkpoint.PREEMPTED_EXIT_CODE`` after a SIGUSR1
+    Returns the exit code: 0, or ``llmclip.preemption.PREEMPTED_EXIT_CODE`` after a SIGUSR1
     (checkpoint written; the SLURM script requeues the job, which resumes).
     """
     trainer = Stage2Trainer(cfg)

@@ -21,7 +21,8 @@ def _fractions(text: str) -> tuple[float, float, float]:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from llmclip.data.build import BuildOptions, build
+    from llmclip.data.build import build
+    from llmclip.data.build_options import BuildOptions
 
     opts = BuildOptions(
         source=args.source,

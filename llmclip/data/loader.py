@@ -35,7 +35,6 @@ import json
 import logging
 import math
 import random
-import tarfile
 from collections import Counter
 from collections.abc import Iterator
 from functools import partial
@@ -49,7 +48,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys
 
 from llmclip.config import ConfigError
-from llmclip.data.shards import IMAGE_EXTS, MAX_MEMBER_BYTES, ShardInfo, resolve_shards
+from llmclip.data.safetar import UnreadableTar, read_members
+from llmclip.data.shards import IMAGE_EXTS, ShardInfo, resolve_shards
 from llmclip.distributed import dist_env
 
 log = logging.getLogger("llmclip.data")
@@ -130,7 +130,7 @@ def _tar_error_handler(stats: _Stats, exn: Exception) -> bool:
     # Called by webdataset on errors while reading a tar; count, never sleep, keep going.
     if not stats.shard_errors:
         return True
-    if isinstance(exn, (tarfile.TarError, EOFError)) or "unexpected end" in str(exn):
+    if isinstance(exn, UnreadableTar) or "unexpected end" in str(exn):
         stats.skipped["tar_error"] += 1
     elif isinstance(exn, ValueError) and "duplicate file name" in str(exn):
         stats.skipped["duplicate_member"] += 1
@@ -141,20 +141,17 @@ def _tar_error_handler(stats: _Stats, exn: Exception) -> bool:
 
 def _expand_tars(stats: _Stats, handler, src: Iterator[dict]) -> Iterator[dict]:
     """Members of each opened shard as ``{fname, data, __url__}`` and ``{}`` at each shard's end:
-    webdataset's ``tar_file_expander`` (same end marker, errors to ``handler``), except that regular
-    files only are read and a member over ``MAX_MEMBER_BYTES`` is skipped without reading it."""
+    webdataset's ``tar_file_expander`` (same end marker, errors to ``handler``), read through the
+    safe reader (``llmclip.data.safetar``), so a member over ``MAX_MEMBER_BYTES`` is skipped unread."""
     for source in src:
         try:
-            with tarfile.open(fileobj=source["stream"], mode="r|*") as tar:
-                for info in tar:
-                    if not info.isreg() or info.name.startswith("__") and info.name.endswith("__"):
-                        continue
-                    if info.size > MAX_MEMBER_BYTES:
-                        stats.skipped["oversized_member"] += stats.shard_errors
-                        continue
-                    data = tar.extractfile(info).read()
-                    yield {"fname": info.name, "data": data, "__url__": source["url"]}
-                    tar.members = []  # streaming: keep no member list
+            for m in read_members(source["stream"], label=source["url"]):
+                if m.name.startswith("__") and m.name.endswith("__"):
+                    continue
+                if m.oversized:
+                    stats.skipped["oversized_member"] += stats.shard_errors
+                    continue
+                yield {"fname": m.name, "data": m.data, "__url__": source["url"]}
             yield {}
         except Exception as exn:  # noqa: BLE001 - the handler counts it (truncated or corrupt tar)
             if not handler(exn):

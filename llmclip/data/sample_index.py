@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
-import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -23,11 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from llmclip.data.shards import IMAGE_EXTS, MAX_MEMBER_BYTES, ShardInfo, decode_meta, resolve_shards
+from llmclip.data.safetar import UnreadableTar, read_members, split_key
+from llmclip.data.shards import IMAGE_EXTS, ShardInfo, decode_meta, resolve_shards
 
 log = logging.getLogger("llmclip.data")
-
-_MEMBER = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's key/extension rule
 
 
 def has_report(meta: dict[str, Any]) -> bool:
@@ -68,37 +65,35 @@ def _members(path: Path, skipped: Counter) -> Iterator[tuple[str, dict[str, tupl
     key, exts, keep = None, {}, False  # the current member group, and whether it is a new sample
     seen: set[str] = set()
     try:
-        with tarfile.open(path, "r:") as tar:
-            for info in tar:
-                tar.members = []  # keep no member list: a tar bomb of headers stays small
-                if not info.isreg() or info.name.startswith("__") and info.name.endswith("__"):
-                    continue
-                m = _MEMBER.match(info.name)
-                if m is None:
-                    continue
-                k, ext = m.group(1), m.group(2).lower()
-                if info.size > MAX_MEMBER_BYTES:
-                    skipped["oversized_member"] += 1
-                    continue
-                if info.offset_data + info.size > size:
-                    skipped["lost_in_broken_tar"] += 1
-                    continue
-                if k != key:
-                    if keep:
-                        yield key, exts
-                    key, exts, keep = k, {}, k not in seen
-                    if not keep:  # a key seen earlier in this shard: the whole repeat is dropped
-                        skipped["duplicate_key"] += 1
-                    seen.add(k)
-                if not keep:
-                    continue
-                if ext in exts:
-                    skipped["duplicate_member"] += 1
-                    continue
-                exts[ext] = (info.offset_data, info.size)
-    except (tarfile.TarError, EOFError, OSError) as e:
+        for member in read_members(path, read=lambda name: False):
+            if member.name.startswith("__") and member.name.endswith("__"):
+                continue
+            parts = split_key(member.name)
+            if parts is None:
+                continue
+            k, ext = parts
+            if member.oversized:
+                skipped["oversized_member"] += 1
+                continue
+            if member.offset + member.size > size:
+                skipped["lost_in_broken_tar"] += 1
+                continue
+            if k != key:
+                if keep:
+                    yield key, exts
+                key, exts, keep = k, {}, k not in seen
+                if not keep:  # a key seen earlier in this shard: the whole repeat is dropped
+                    skipped["duplicate_key"] += 1
+                seen.add(k)
+            if not keep:
+                continue
+            if ext in exts:
+                skipped["duplicate_member"] += 1
+                continue
+            exts[ext] = (member.offset, member.size)
+    except UnreadableTar as e:
         skipped["tar_error"] += 1
-        log.warning("%s: unreadable past some point (%s); its readable samples are used", path, e)
+        log.warning("unreadable past some point (%s); its readable samples are used", e)
     if keep:
         yield key, exts
 

@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import re
-import tarfile
 import tempfile
 from collections import Counter
 from collections.abc import Iterator
@@ -22,14 +21,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from llmclip.config import ConfigError, writing
+from llmclip.data.safetar import UnreadableTar, read_members, split_key
 from llmclip.data.text import sample_text
 
 FORMAT = "llmclip-shards/1"
 SPLITS = ("train", "val", "test")
 IMAGE_EXTS = ("png", "jpg")
-MAX_MEMBER_BYTES = 256 << 20
-"""Largest tar member any reader loads into memory (one report json or one image): a crafted header
-claiming gigabytes is refused (``read_tar``) or skipped unread and counted (the loader)."""
 _SHARD_PATH = re.compile(r"^(images|text)/(train|val|test)-(\d{6})\.tar$")
 
 
@@ -167,34 +164,21 @@ def resolve_shards(spec: str, kind: Literal["image", "text"]) -> list[ShardInfo]
     return out
 
 
-def split_member(name: str) -> tuple[str, str] | None:
-    """``openi-12-0.json`` -> (``openi-12-0``, ``json``) the way WebDataset groups members."""
-    base = os.path.basename(name)
-    if "." not in base or base.startswith("."):
-        return None
-    key, ext = base.split(".", 1)
-    return (os.path.dirname(name) + "/" + key if os.path.dirname(name) else key), ext.lower()
-
-
 def read_tar(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {ext: bytes}) per sample, sequentially; raises tarfile/EOF errors on a broken file."""
+    """(key, {ext: bytes}) per sample, sequentially (``llmclip.data.safetar``); raises
+    ``UnreadableTar`` on a broken file or on a member over ``safetar.MAX_MEMBER_BYTES``."""
     current: tuple[str, dict[str, bytes]] | None = None
-    with tarfile.open(path, "r|") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            parts = split_member(member.name)
-            if parts is None:
-                continue
-            if member.size > MAX_MEMBER_BYTES:
-                raise tarfile.ReadError(f"member {member.name!r} claims {member.size} bytes")
-            f = tar.extractfile(member)
-            data = f.read() if f else b""
-            if current is None or current[0] != parts[0]:
-                if current is not None:
-                    yield current
-                current = (parts[0], {})
-            current[1][parts[1]] = data
+    for member in read_members(path, read=lambda name: split_key(name) is not None):
+        parts = split_key(member.name)
+        if parts is None:
+            continue
+        if member.oversized:
+            raise UnreadableTar(f"{path}: member {member.name!r} claims {member.size} bytes")
+        if current is None or current[0] != parts[0]:
+            if current is not None:
+                yield current
+            current = (parts[0], {})
+        current[1][parts[1]] = member.data
     if current is not None:
         yield current
 
@@ -254,7 +238,7 @@ def verify(root: str | Path) -> VerifyResult:
                         problems.append(f"{rel}: {key} has no image")
                     if kind == "text" and any(e in members for e in IMAGE_EXTS):
                         problems.append(f"{rel}: {key} carries pixels in a text shard")
-            except (tarfile.TarError, EOFError, OSError) as e:
+            except UnreadableTar as e:
                 problems.append(f"{rel}: unreadable tar ({e})")
             if len(keys) != s["count"]:
                 problems.append(f"{rel}: {len(keys)} samples, manifest says {s['count']}")

@@ -31,7 +31,7 @@ _TRAINING_EDIT = {"laterality": "laterality_swap", "severity": "severity_change"
 def seen_variant(text: str, kind: str) -> str | None:
     """The training family's wrong report: the very strings the cache's columns hold."""
     from llmclip.clinical import negate
-    from llmclip.clinical.variants import one_edit
+    from llmclip.clinical.edits import one_edit
 
     if kind == "negated":
         out = negate(text)

@@ -62,7 +62,7 @@ def eligible_findings(synthetic: bool, classes: list[str]) -> list[str]:
     """Findings in the macro AUROC: what the phantom renderer draws for synthetic images, else all
     findings but No Finding."""
     if synthetic:
-        from llmclip.data.phantom import canonical_observation
+        from llmclip.data.phantom_spec import canonical_observation
 
         return [c for c in classes if c != "No Finding" and canonical_observation(c) == c]
     return [c for c in classes if c != "No Finding"]

@@ -32,8 +32,9 @@ import re
 from dataclasses import dataclass, field
 
 from llmclip.clinical import Labeler
-from llmclip.clinical.labeler import _sentences
-from llmclip.clinical.variants import confirm_edit, summarise, template_flip
+from llmclip.clinical.edits import template_flip
+from llmclip.clinical.facts import confirm_edit, summarise
+from llmclip.clinical.patterns import _sentences
 
 _LABELER = Labeler()
 

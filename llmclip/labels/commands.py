@@ -17,14 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tarfile
 import tempfile
 from pathlib import Path
 
 from llmclip.config import ConfigError
+from llmclip.data.safetar import MAX_JSON_BYTES, UnreadableTar, read_members, split_key
 
 LABELS_FORMAT = "llmclip-labels/1"
-_MAX_JSON_BYTES = 16 << 20  # a sample json larger than this is counted as bad, not read
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -50,26 +49,20 @@ def report_text(meta: dict) -> str:
 
 def _samples(path: Path):
     """(key, meta or None) for every sample json of a text shard; None marks a bad sample."""
-    with tarfile.open(path, "r|") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            base = os.path.basename(member.name)
-            if "." not in base or base.startswith("."):
-                continue
-            key, ext = base.split(".", 1)
-            if ext.lower() != "json":
-                continue
-            if member.size > _MAX_JSON_BYTES:
-                yield key, None
-                continue
-            f = tar.extractfile(member)
-            try:
-                meta = json.loads((f.read() if f else b"").decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                yield key, None
-                continue
-            yield key, meta if isinstance(meta, dict) else None
+    for member in read_members(path, read=lambda name: name.lower().endswith(".json"),
+                               max_bytes=MAX_JSON_BYTES):
+        parts = split_key(member.name)
+        if parts is None or parts[1] != "json":
+            continue
+        if member.oversized:
+            yield parts[0], None
+            continue
+        try:
+            meta = json.loads(member.data.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            yield parts[0], None
+            continue
+        yield parts[0], meta if isinstance(meta, dict) else None
 
 
 def label_shards(spec: str, graphs: bool = True, progress: bool = True) -> dict:
@@ -114,8 +107,8 @@ def label_shards(spec: str, graphs: bool = True, progress: bool = True) -> dict:
                 if graphs:
                     row["graph"] = json.loads(ReportGraph.from_report(text).to_json())
                 lines.append(json.dumps(row, sort_keys=True, separators=(",", ":")))
-        except (tarfile.TarError, EOFError, OSError) as e:
-            raise ConfigError(f"{shard.path}: unreadable shard ({e})") from e
+        except UnreadableTar as e:
+            raise ConfigError(f"unreadable shard {e}") from e
         _atomic_write(part, "".join(line + "\n" for line in lines))
         _atomic_write(
             part.with_suffix(".done"),

@@ -42,11 +42,11 @@ Reports indexed "No Indexing" carry no human label and are left out of the evalu
 
 from __future__ import annotations
 
-import tarfile
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmclip.clinical.lexicon import CHEXPERT_CLASSES
 from llmclip.config import ConfigError
 
 _HEAD_MAP: dict[str, tuple[str, ...]] = {
@@ -83,20 +83,8 @@ _HEAD_MAP: dict[str, tuple[str, ...]] = {
     "spinal fusion": ("Support Devices",),
     "sutures": ("Support Devices",),
 }
-_PATHOLOGY = (
-    "Enlarged Cardiomediastinum",
-    "Cardiomegaly",
-    "Lung Lesion",
-    "Lung Opacity",
-    "Edema",
-    "Consolidation",
-    "Pneumonia",
-    "Atelectasis",
-    "Pneumothorax",
-    "Pleural Effusion",
-    "Pleural Other",
-    "Fracture",
-)
+# CheXpert's pathologies: every class but No Finding and Support Devices.
+_PATHOLOGY = tuple(c for c in CHEXPERT_CLASSES if c not in ("No Finding", "Support Devices"))
 
 
 @dataclass(frozen=True)
@@ -123,39 +111,32 @@ class OpenIReport:
 
 
 def read_openi(path: str | Path) -> list[OpenIReport]:
-    """Parse every XML report in the Open-I tgz (sorted by numeric id)."""
-    from llmclip.data.sources.openi import UnsafeXML, parse_xml
+    """Every XML report in the Open-I tgz (sorted by numeric id), read and parsed by the shard
+    builder's own code (``llmclip.data.sources.openi``), so the labels are evaluated on exactly the
+    section texts the shards carry."""
+    from llmclip.data.sources.openi import UnsafeXML, parse_xml, record_fields, xml_files
 
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"Open-I archive not found: {path}")
     out: list[OpenIReport] = []
-    try:
-        with tarfile.open(path, "r:gz") as tf:
-            for member in tf:
-                if not member.isfile() or not member.name.endswith(".xml"):
-                    continue
-                data = tf.extractfile(member).read()
-                root = parse_xml(data)  # the shard builder's guard: no DTD, no entities
-                sec = {
-                    (a.get("Label") or "").upper(): " ".join((a.text or "").split())
-                    for a in root.iter("AbstractText")
-                }
-                uid_el = root.find("uId")
-                uid = uid_el.get("id") if uid_el is not None else Path(member.name).stem
-                mesh = tuple((m.text or "").strip() for m in root.iter("major") if m.text)
-                out.append(
-                    OpenIReport(
-                        uid=uid,
-                        findings=sec.get("FINDINGS", ""),
-                        impression=sec.get("IMPRESSION", ""),
-                        indication=sec.get("INDICATION", ""),
-                        comparison=sec.get("COMPARISON", ""),
-                        mesh=mesh,
-                    )
-                )
-    except (tarfile.TarError, ET.ParseError, UnsafeXML, OSError) as e:
-        raise ConfigError(f"cannot read Open-I archive {path}: {e}") from e
+    for name, data in xml_files(path):
+        if data is None:
+            raise ConfigError(f"{path}: {name} is too large to be a report")
+        try:
+            uid, sec, mesh, _images = record_fields(parse_xml(data))
+        except (ET.ParseError, UnsafeXML) as e:
+            raise ConfigError(f"cannot read Open-I archive {path}: {name}: {e}") from e
+        out.append(
+            OpenIReport(
+                uid=uid or Path(name).stem,
+                findings=sec.findings,
+                impression=sec.impression,
+                indication=sec.indication,
+                comparison=sec.comparison,
+                mesh=tuple(mesh),
+            )
+        )
     out.sort(key=lambda r: int("".join(ch for ch in r.uid if ch.isdigit()) or 0))
     return out
 

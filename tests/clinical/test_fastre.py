@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from llmclip.clinical import labeler as lb
+from llmclip.clinical import patterns as pt
 from llmclip.clinical.fastre import WordStartMatcher, first_words, lower_same_length, trie_regex
 
 
@@ -25,8 +25,8 @@ def test_trie_regex_matches_exactly_the_words():
 
 
 def test_same_matches_as_plain_alternation(openi_texts):
-    plain = re.compile(r"\b(?:" + "|".join(f"(?P<{n}>{rx})" for n, rx in lb._MENTION_ALTS) + ")")
-    fast = WordStartMatcher(lb._MENTION_ALTS)
+    plain = re.compile(r"\b(?:" + "|".join(f"(?P<{n}>{rx})" for n, rx in pt._MENTION_ALTS) + ")")
+    fast = WordStartMatcher(pt._MENTION_ALTS)
     extra = ["Pneumo-thorax. The heart is not enlarged; w/o effusion.", "İstanbul heart is large"]
     for t in openi_texts[:1500] + extra:
         low = lower_same_length(t)

@@ -11,7 +11,6 @@ import io
 import json
 import math
 import shutil
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +25,7 @@ from llmclip.clip.model import CLIPModel, ModelConfig, VisionConfig, tower_stats
 from llmclip.clip.state import encoder_record, find_encoder
 from llmclip.config import ConfigError, to_dict
 from llmclip.data.loader import decode_image, make_loader
+from llmclip.data.shards import read_tar
 
 TINY_VIT = VisionConfig(
     name="vit_tiny_patch16_224", kwargs={"depth": 1, "embed_dim": 32, "num_heads": 2, "patch_size": 8}
@@ -144,10 +144,7 @@ def _copy_run(src: Path, root: Path, **meta) -> Path:
 def _shard_images(spec_dir: Path, split: str) -> dict[str, bytes]:
     out = {}
     for tar in sorted((spec_dir / "images").glob(f"{split}-*.tar")):
-        with tarfile.open(tar) as t:
-            for m in t.getmembers():
-                if m.name.endswith(".jpg"):
-                    out[m.name.removesuffix(".jpg")] = t.extractfile(m).read()
+        out.update({key: m["jpg"] for key, m in read_tar(tar) if "jpg" in m})
     return out
 
 

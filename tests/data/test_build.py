@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from llmclip.cli import main
-from llmclip.data.build import STATE, BuildOptions, assign_split, build
+from llmclip.data.build import STATE, assign_split, build
+from llmclip.data.build_options import BuildOptions
 from llmclip.data.shards import load_manifest, read_tar, resolve_shards, stats, verify
 
 REPO = Path(__file__).resolve().parents[2]

@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from llmclip.clinical import Labeler
-from llmclip.data.phantom import Finding, PhantomSpec, encode, render, spec_from_mentions
+from llmclip.data.phantom import encode, render
+from llmclip.data.phantom_spec import Finding, PhantomSpec, spec_from_mentions
 
 S = 128
 

@@ -19,7 +19,8 @@ from PIL import Image
 import llmclip
 from llmclip.assets import pneumonia_films
 from llmclip.clip.batching import unbatch
-from llmclip.data.build import BuildOptions, build
+from llmclip.data.build import build
+from llmclip.data.build_options import BuildOptions
 from llmclip.data.loader import make_loader
 from llmclip.eval.commands import evaluate
 from llmclip.eval.probe import binary_zero_shot

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from llmclip.data.build import BuildOptions, build
+from llmclip.data.build import build
+from llmclip.data.build_options import BuildOptions
 from llmclip.data.shards import read_tar, resolve_shards, verify
 from llmclip.data.sources import open_source
 from llmclip.data.sources.openi import OpenISource, parse_xml

@@ -10,7 +10,8 @@ import pytest
 
 from llmclip.clinical import Labeler, equivalent_rewrites, negate, one_error_edits
 from llmclip.clinical import lexicon as lx
-from llmclip.clinical.variants import _SEVERITY_SWAP, summarise
+from llmclip.clinical.edits import _SEVERITY_SWAP
+from llmclip.clinical.facts import summarise
 from llmclip.data.shards import read_tar
 from llmclip.data.text import sample_text
 from llmclip.eval import heldout as H
@@ -21,7 +22,8 @@ SEEDS = range(4)
 @pytest.fixture(scope="module")
 def openi_test_reports(tmp_path_factory) -> list[str]:
     """The clinical texts of the real Open-I test split (398 reports, patient-level split)."""
-    from llmclip.data.build import BuildOptions, build
+    from llmclip.data.build import build
+    from llmclip.data.build_options import BuildOptions
 
     out = tmp_path_factory.mktemp("openi_all") / "shards"
     build(BuildOptions(source="openi", out=str(out), images="render", image_size=32, workers=2),

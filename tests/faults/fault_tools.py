@@ -180,8 +180,9 @@ def sample_meta(key: str, split: str = "train", text: str = "The heart is normal
 def jpeg(key: str, size: int = 32) -> bytes:
     """A rendered chest phantom (llmclip.data.phantom), JPEG-encoded."""
     from llmclip.data import phantom
+    from llmclip.data.phantom_spec import PhantomSpec
 
-    return phantom.encode(phantom.render(phantom.PhantomSpec(), key, size), "jpg")
+    return phantom.encode(phantom.render(PhantomSpec(), key, size), "jpg")
 
 
 def tar_member(name: str, data: bytes = b"", **fields: Any) -> tuple[Any, bytes]:

@@ -22,7 +22,8 @@ from llmclip.cache import EmbeddingCache, emb_path, sidecar_names, sidecar_state
 from llmclip.cache.build import BuildOptions as CacheOptions
 from llmclip.cache.build import build_cache
 from llmclip.config import ConfigError
-from llmclip.data.build import BuildOptions, build
+from llmclip.data.build import build
+from llmclip.data.build_options import BuildOptions
 
 
 def _shard_options(reference, out) -> BuildOptions:

@@ -8,7 +8,7 @@ import signal
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from llmclip.checkpoint import PREEMPTED_EXIT_CODE, PreemptionHandler
+from llmclip.preemption import PREEMPTED_EXIT_CODE, PreemptionHandler
 
 
 def test_signal_sets_the_flag_and_close_restores_the_old_handler() -> None:

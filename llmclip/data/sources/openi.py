@@ -21,7 +21,6 @@ is the only XML parser of the project (``llmclip.labels.openi`` reads reports th
 from __future__ import annotations
 
 import re
-import tarfile
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from pathlib import Path
 from llmclip import assets
 from llmclip.config import ConfigError
 from llmclip.data.reports import ReportSections
+from llmclip.data.safetar import UnreadableTar, read_members
 from llmclip.data.sources import Record, decode_text, make_key
 
 NAME = "openi"
@@ -75,6 +75,22 @@ def record_fields(root: ET.Element) -> tuple[str, ReportSections, list[str], lis
     return uid, ReportSections.from_parts(**parts), mesh, images
 
 
+def xml_files(path: Path) -> Iterator[tuple[str, bytes | None]]:
+    """(file name, bytes, or None when oversized) of every XML report of the archive or folder, in
+    archive/folder order; tar archives go through the safe reader (``llmclip.data.safetar``)."""
+    if path.is_dir():
+        for p in sorted(path.rglob("*.xml")):
+            size = p.stat().st_size
+            yield p.name, (p.read_bytes() if size <= MAX_XML_BYTES else None)
+        return
+    try:
+        for m in read_members(path, read=lambda name: name.endswith(".xml"), max_bytes=MAX_XML_BYTES):
+            if m.name.endswith(".xml"):
+                yield Path(m.name).name, m.data
+    except UnreadableTar as e:
+        raise ConfigError(f"cannot read Open-I archive {e}", "--root") from None
+
+
 @dataclass
 class OpenISource:
     path: Path
@@ -87,29 +103,10 @@ class OpenISource:
     def has_images(self) -> bool:
         return self.image_dir is not None
 
-    def _members(self) -> Iterator[tuple[str, bytes | None]]:
-        """(file name, bytes or None when oversized) of every XML report, in archive/folder order."""
-        if self.path.is_dir():
-            for p in sorted(self.path.rglob("*.xml")):
-                size = p.stat().st_size
-                yield p.name, (p.read_bytes() if size <= MAX_XML_BYTES else None)
-            return
-        try:
-            with tarfile.open(self.path, "r:*") as tar:
-                for m in tar:
-                    if m.isfile() and m.name.endswith(".xml"):
-                        if m.size > MAX_XML_BYTES:
-                            yield Path(m.name).name, None
-                            continue
-                        f = tar.extractfile(m)
-                        yield Path(m.name).name, f.read() if f else None
-        except (tarfile.TarError, EOFError, OSError) as e:
-            raise ConfigError(f"cannot read Open-I archive {self.path}: {e}", "--root") from None
-
     def __iter__(self) -> Iterator[Record]:
         # Read all (~4K small files), then order by report number: the builder needs a stable order.
         items = []
-        for fname, data in self._members():
+        for fname, data in xml_files(self.path):
             m = _UID.search(fname)
             items.append((int(m.group(1)) if m else -1, fname, data))
         items.sort(key=lambda t: (t[0], t[1]))
