@@ -87,7 +87,9 @@ def check_attention(env: Env, work: Path) -> dict[str, Any]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from transformers.utils import is_flash_attn_2_available
 
-    from llmclip.text.encoder import LLMEncoder, ModelConfig, make_bidirectional, make_causal
+    from llmclip.text.attention import make_bidirectional, make_causal
+    from llmclip.text.encoder import LLMEncoder
+    from llmclip.text.model_config import ModelConfig
 
     cuda = env.device.type == "cuda"
     folder = tiny_llama_dir(work, 64 if env.smoke else 1024, 2 if env.smoke else 4)
@@ -236,8 +238,9 @@ def _liger_run(env: Env, folder: Path, dtype: torch.dtype, nf4: bool, kernels: s
     """One forward + backward of the tiny model: hidden states, loss, every gradient, the kernels
     applied. ``kernels``: ``none``, ``liger`` (through ``LLMEncoder.build``) or ``dry-run`` (CPU:
     the patch plumbing applied without the CUDA gate; CPU inputs then run the plain code)."""
-    from llmclip.text.encoder import LLMEncoder, LoraSection, ModelConfig
+    from llmclip.text.encoder import LLMEncoder
     from llmclip.text.kernels import _patch_liger, kernels_of
+    from llmclip.text.model_config import LoraSection, ModelConfig
 
     texts = [
         "Small left pleural effusion. No pneumothorax. Heart size is normal.",

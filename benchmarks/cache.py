@@ -50,7 +50,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 def openi_text_shards(work: Path, reports: int | None) -> Path:
     """Text-only shards of the Open-I reports (built once under ``work``)."""
-    from llmclip.data.build import BuildOptions, build
+    from llmclip.data.build import build
+    from llmclip.data.build_options import BuildOptions
 
     out = work / f"openi-text-{reports or 'all'}"
     if not (out / "manifest.json").exists():
@@ -64,8 +65,9 @@ def openi_text_shards(work: Path, reports: int | None) -> Path:
 def encoder_dir(work: Path, model: str, keep_layers: int) -> Path:
     """An encoder dir of a pretrained decoder without stage-1 training (``smollm2`` = the real
     SmolLM2-135M weights, first ``keep_layers`` layers; ``tiny`` = the test encoder's shape)."""
-    from llmclip.text.encoder import LLMEncoder, ModelConfig
+    from llmclip.text.encoder import LLMEncoder
     from llmclip.text.export import save_encoder_dir
+    from llmclip.text.model_config import ModelConfig
 
     out = work / f"encoder-{model}-{keep_layers}"
     if (out / "encoder.json").exists():
@@ -84,7 +86,7 @@ def sentence_transformer(enc_dir: Path, enc, dtype: torch.dtype):
     from sentence_transformers.base.modules import Transformer
     from sentence_transformers.sentence_transformer.modules import Pooling
 
-    from llmclip.text.encoder import make_bidirectional
+    from llmclip.text.attention import make_bidirectional
 
     class BosPromptTransformer(Transformer):
         # ST measures a prompt without its trailing special token, so a prompt that *is* the BOS
@@ -143,13 +145,8 @@ def main() -> None:
     dtype = DTYPES[args.precision]
 
     from llmclip.cache import EmbeddingCache
-    from llmclip.cache.build import (
-        CPU_BATCH_TOKENS,
-        VARIANTS,
-        BuildOptions,
-        build_cache,
-        read_reports,
-    )
+    from llmclip.cache.build import CPU_BATCH_TOKENS, BuildOptions, build_cache
+    from llmclip.cache.texts import VARIANTS, read_reports
     from llmclip.data.shards import resolve_shards
     from llmclip.text.encoder import LLMEncoder
 

@@ -171,15 +171,10 @@ def check_stage1(env: Env, work: Path) -> dict[str, Any]:
 
     from llmclip.config import DeepSpeedSection, OptimConfig, RunConfig, lr_factor
     from llmclip.plan import MODELS, PEAK_TFLOPS, PlanInput, plan
-    from llmclip.text.encoder import LoraSection, ModelConfig
     from llmclip.text.kernels import attention_backends, kernels_of, liger_status
-    from llmclip.text.stage1 import (
-        ObjectiveConfig,
-        Stage1Config,
-        Stage1Module,
-        deepspeed_config,
-        param_groups,
-    )
+    from llmclip.text.model_config import LoraSection, ModelConfig
+    from llmclip.text.stage1 import Stage1Module, deepspeed_config, param_groups
+    from llmclip.text.stage1_config import ObjectiveConfig, Stage1Config
 
     a = env.args
     b, seq = (2, 32) if env.smoke else (a.s1_micro_batch, a.s1_seq)

@@ -70,8 +70,9 @@ def tiny_encoder(out: Path) -> Path:
     """The test suite's tiny encoder dir (2 x 64 random Llama, real tokenizer, mean pooling)."""
     import torch
 
-    from llmclip.text.encoder import LLMEncoder, ModelConfig
+    from llmclip.text.encoder import LLMEncoder
     from llmclip.text.export import save_encoder_dir
+    from llmclip.text.model_config import ModelConfig
 
     if (out / "encoder.json").is_file():
         return out

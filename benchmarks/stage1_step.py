@@ -15,7 +15,7 @@ real Open-I report pairs built by ``llmclip.text.pairs.build_pairs``:
 
 - ``llmclip``: what ``llmclip/train.py`` runs for stage 1 -- ``LLMEncoder.build`` +
   ``Stage1Module`` (contrastive objective) under a DeepSpeed engine with the recipe's DeepSpeed JSON,
-  on the tensors of ``llmclip.text.stage1.make_batch`` (queries and documents split into length
+  on the tensors of ``llmclip.text.stage1_batch.make_batch`` (queries and documents split into length
   buckets); ``--plain`` adds the same module in a bare torch loop (what the engine costs);
 - ``llm2vec``: llm2vec 0.2.3's supervised step (see ``_llm2vec_peer.py``), in its own venv
   (``.bench-venv/llm2vec``, created here on first use: llm2vec pins transformers 4.44), in a
@@ -183,7 +183,7 @@ def step_batches(metas: list[dict], enc, obj, batch: int, steps: int) -> tuple[l
     """
     from llmclip.text.objectives import blank_token_id
     from llmclip.text.pairs import build_pairs
-    from llmclip.text.stage1 import make_batch, summary_share
+    from llmclip.text.stage1_batch import make_batch, summary_share
 
     blank = blank_token_id(enc.tokenizer)
     pairs, batches = [], []
@@ -217,7 +217,7 @@ def token_counts(b: dict) -> tuple[int, int]:
 def stage1_config(args: argparse.Namespace, model_dir: Path, out: Path):
     """The recipe of ``--config`` with the model folder, output and any overrides swapped in."""
     from llmclip.config import load_config
-    from llmclip.text.stage1 import Stage1Config
+    from llmclip.text.stage1_config import Stage1Config
 
     cfg = load_config(Stage1Config, args.config)
     cfg.run.out_dir, cfg.run.tensorboard = str(out), False
@@ -458,7 +458,8 @@ def mntp_child(args: argparse.Namespace) -> int:
 
     from llmclip.text.objectives import blank_token_id
     from llmclip.text.sources import build_tiny_llama
-    from llmclip.text.stage1 import make_batch, precision
+    from llmclip.text.stage1 import precision
+    from llmclip.text.stage1_batch import make_batch
 
     C.set_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="llmclip-bench-mntp-") as tmp:

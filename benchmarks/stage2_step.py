@@ -6,7 +6,7 @@
 Every contender trains the same timm vision tower (name, seed, image size, batch, fp32, AdamW,
 grad-norm clip 1.0) on the same batches of real Open-I reports. Before timing, a frozen tiny Llama
 (real SmolLM2 tokenizer) writes each report's embedding and its negated, laterality-swapped and
-severity-changed edits (``llmclip.cache.build.VARIANTS``) into a real embedding cache: one fp16
+severity-changed edits (``llmclip.cache.texts.VARIANTS``) into a real embedding cache: one fp16
 ``.emb.npy`` sidecar, memory-mapped by both sides.
 
 - ``llmclip``: ``Stage2Trainer._micro_step`` itself (the step ``llmclip/train.py`` runs), on a
@@ -92,10 +92,11 @@ def build_inputs(args: argparse.Namespace, n: int, cache_dir: Path) -> list[dict
     (each distinct text encoded once, as ``llmclip cache build`` does)."""
     from llmclip.assets import openi_reports_tgz
     from llmclip.cache import CacheIdentity, write_meta, write_sidecar
-    from llmclip.cache.build import VARIANTS
+    from llmclip.cache.texts import VARIANTS
     from llmclip.clinical import Labeler
     from llmclip.labels.openi import read_openi
-    from llmclip.text.encoder import LLMEncoder, ModelConfig
+    from llmclip.text.encoder import LLMEncoder
+    from llmclip.text.model_config import ModelConfig
     from llmclip.text.sources import TinyLlamaSpec
 
     reports = [r for r in read_openi(openi_reports_tgz()) if r.text]

@@ -13,7 +13,7 @@
 There is no tokenizer: ``encode_text`` takes strings and runs the frozen stage-1 LLM encoder the
 model was trained against (found from ``clip.json``, relative to the run, or by fingerprint beside
 it: ``state.find_encoder``; a folder whose fingerprint differs from the training cache's is
-refused). ``preprocess`` is the training loader's own transform (``llmclip.data.loader``: grey,
+refused). ``preprocess`` is the training loader's own transform (``llmclip.data.images``: grey,
 shorter side to the model's size, centre crop) and normalisation (``model.normalize_pixels``, with
 the statistics the run recorded), so an image is seen as in training.
 
@@ -48,7 +48,7 @@ def final_dir(run: str | Path) -> Path:
 class ImageTransform:
     """``preprocess``: a PIL image -> float [C, S, S], the tensor training fed the tower.
 
-    The same steps as training, in the same code: ``loader.pil_pixels`` (grey, shorter side to
+    The same steps as training, in the same code: ``images.pil_pixels`` (grey, shorter side to
     ``size``, centre crop; a JPEG opened and not yet loaded is decoded at reduced size exactly as a
     shard member) and ``model.normalize_pixels`` (``/255``, grey repeated to the tower's channels,
     ``(x - mean) / std``). Plain attributes only, so DataLoader workers can pickle it.
@@ -61,7 +61,7 @@ class ImageTransform:
     def __call__(self, image: Any) -> torch.Tensor:
         from PIL import Image
 
-        from llmclip.data.loader import pil_pixels
+        from llmclip.data.images import pil_pixels
 
         if not isinstance(image, Image.Image):
             raise TypeError(

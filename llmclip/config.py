@@ -264,7 +264,7 @@ def exit_on_config_error(err: ConfigError) -> typing.NoReturn:
 
 # --------------------------------------------------------------------------------------------
 # Sections shared by both training stages. Stage-specific top-level configs live beside their
-# trainers (``llmclip/text/stage1.py``, ``llmclip/clip/stage2.py``) and nest these.
+# trainers (``llmclip/text/stage1_config.py``, ``llmclip/clip/stage2.py``) and nest these.
 # --------------------------------------------------------------------------------------------
 
 

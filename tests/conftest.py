@@ -18,7 +18,8 @@ import pytest  # noqa: E402
 def openi_shards(tmp_path_factory):
     """Shard folder of the first 240 Open-I reports: 64 px rendered JPEGs, 32 samples per shard,
     train/val/test by patient (~190/25/25 samples; 6+1+1 shards). Built once per session."""
-    from llmclip.data.build import BuildOptions, build
+    from llmclip.data.build import build
+    from llmclip.data.build_options import BuildOptions
 
     out = tmp_path_factory.mktemp("openi_shards") / "shards"
     build(BuildOptions(source="openi", out=str(out), images="render", maxcount=240, shard_size=32,
@@ -33,8 +34,9 @@ def tiny_encoder_dir(tmp_path_factory):
     config with seeded random weights, the real SmolLM2 tokenizer, mean pooling, fp32."""
     import torch
 
-    from llmclip.text.encoder import LLMEncoder, ModelConfig
+    from llmclip.text.encoder import LLMEncoder
     from llmclip.text.export import save_encoder_dir
+    from llmclip.text.model_config import ModelConfig
 
     enc = LLMEncoder.build(ModelConfig(source="tiny:llama", attention="sdpa", max_length=128), torch.float32,
                            lora=False)
@@ -107,8 +109,9 @@ def stage2_encoder_dir(tmp_path_factory):
     test-sized run; this one's do (a linear probe reads the findings from them)."""
     import torch
 
-    from llmclip.text.encoder import LLMEncoder, ModelConfig
+    from llmclip.text.encoder import LLMEncoder
     from llmclip.text.export import save_encoder_dir
+    from llmclip.text.model_config import ModelConfig
 
     enc = LLMEncoder.build(ModelConfig(source="asset:smollm2-135m", keep_layers=2, attention="sdpa",
                                        max_length=128), torch.float32, lora=False)

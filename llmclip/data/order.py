@@ -127,7 +127,7 @@ class _Reader:
 
     def read(self, i: int) -> dict[str, Any]:
         """Sample ``i`` as the loader yields it; raises ``ValueError``/``OSError`` if unreadable."""
-        from llmclip.data.loader import decode_image
+        from llmclip.data.images import decode_image
 
         idx = self.index
         f = self._file(int(idx.shard[i]))

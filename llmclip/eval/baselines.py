@@ -67,7 +67,9 @@ def base_llm_encoder(
     meta: dict[str, Any], dtype: torch.dtype, max_length: int, batch_tokens: int
 ) -> Encode:
     """The encoder's base LLM before stage 1: same first layers, causal attention, mean pooling."""
-    from llmclip.text.encoder import LLMEncoder, ModelConfig, make_causal
+    from llmclip.text.attention import make_causal
+    from llmclip.text.encoder import LLMEncoder
+    from llmclip.text.model_config import ModelConfig
 
     cfg = ModelConfig(
         source=meta["base_model"],

@@ -13,186 +13,21 @@ only the report tokens, so an instruction steers the states but is never average
 from __future__ import annotations
 
 import json
-import logging
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn as nn
 
 from llmclip.config import ConfigError
+from llmclip.text.attention import make_bidirectional, pick_attention
+from llmclip.text.batching import _split_points, balanced_batches
+from llmclip.text.model_config import ModelConfig, pooler_args
 from llmclip.text.pooling import build_pooler
-from llmclip.text.sources import TinyLlamaSpec, check_decoder, check_source, resolve_source
-
-log = logging.getLogger(__name__)
+from llmclip.text.sources import check_decoder, resolve_source
 
 ENCODER_FORMAT = "llmclip-encoder/1"
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
-
-@dataclass
-class LoraSection:
-    """peft LoRA adapters on the decoder's linear layers."""
-
-    enabled: bool = True
-    """Train LoRA adapters (required with 4-bit weights); false = train every decoder weight."""
-    r: int = 16
-    """Adapter rank."""
-    alpha: int = 32
-    """LoRA scaling numerator (scale = alpha / r)."""
-    dropout: float = 0.05
-    """Dropout on the adapter input."""
-    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
-    """Linear layer names that get adapters."""
-
-    def validate(self) -> None:
-        if self.r < 1:
-            raise ConfigError("must be >= 1", "r")
-        if self.alpha < 1:
-            raise ConfigError("must be >= 1 (the adapter scale is alpha / r)", "alpha")
-        if not 0 <= self.dropout < 1:
-            raise ConfigError("must be in [0, 1)", "dropout")
-        if not self.target_modules:
-            raise ConfigError("must name at least one module", "target_modules")
-
-
-@dataclass
-class ModelConfig:
-    """The LLM, how it is loaded, and how its states become one embedding."""
-
-    source: str = "asset:smollm2-135m"
-    """Model folder, .gguf file, hub id, ``asset:smollm2-135m``, ``asset:gemma3-270m`` or
-    ``tiny:llama|mistral|qwen2|gemma3``."""
-    tiny: TinyLlamaSpec = field(default_factory=TinyLlamaSpec)
-    """Shape of the ``tiny:*`` models (used only when source is one of them)."""
-    cache_dir: str = ""
-    """Where converted/built models are kept; empty = $LLMCLIP_CACHE or ./.assets."""
-    quantization: Literal["none", "nf4"] = "none"
-    """``nf4`` = bitsandbytes 4-bit NF4 base weights (QLoRA), storage dtype = training dtype."""
-    attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
-    """Attention kernel; ``auto`` = flash_attention_2 when flash-attn and CUDA are present, else sdpa."""
-    kernels: Literal["auto", "none", "liger"] = "auto"
-    """Fused Liger RMSNorm/SwiGLU/RoPE; ``auto`` = when CUDA + liger-kernel are present, ``liger`` = required."""
-    keep_layers: int = 0
-    """Use only the first N decoder layers (small CPU recipes); 0 = all."""
-    max_length: int = 512
-    """Token limit per text, instruction prefix included."""
-    gradient_checkpointing: bool = False
-    """Recompute layer activations in backward (GPU memory for long sequences)."""
-    pooling: Literal["mean", "latent_attention", "last_token"] = "mean"
-    """How token states become one vector."""
-    pooler_latents: int = 512
-    """Trainable latents of the latent-attention pooler."""
-    pooler_heads: int = 8
-    """Heads of the latent-attention pooler (must divide the hidden size)."""
-    standardize: bool = False
-    """Centre and scale each pooled dimension with statistics of training reports (measured before
-    step 1, then trained): removes the near-constant outlier dimensions that dominate LLM cosines."""
-    calibration_reports: int = 256
-    """Training reports per rank measured for ``standardize``."""
-    lora: LoraSection = field(default_factory=LoraSection)
-    """LoRA adapter settings."""
-
-    def validate(self) -> None:
-        if not self.source:
-            raise ConfigError("must not be empty", "source")
-        check_source(self.source)
-        if self.calibration_reports < 1:
-            raise ConfigError("must be >= 1", "calibration_reports")
-        if self.keep_layers < 0:
-            raise ConfigError("must be >= 0", "keep_layers")
-        for name in ("pooler_latents", "pooler_heads"):
-            if getattr(self, name) < 1:
-                raise ConfigError("must be >= 1", name)
-        if self.max_length < 8:
-            raise ConfigError("must be >= 8", "max_length")
-        if self.quantization == "nf4" and not self.lora.enabled:
-            raise ConfigError("4-bit weights cannot be trained directly; enable lora", "quantization")
-        if self.attention == "flash_attention_2":
-            from transformers.utils import is_flash_attn_2_available
-
-            if not torch.cuda.is_available() or not is_flash_attn_2_available():
-                raise ConfigError("flash_attention_2 needs CUDA and the flash-attn package; "
-                                  "use attention: auto or sdpa on this machine", "attention")
-        if self.kernels != "auto":
-            from llmclip.text.kernels import check_kernels_choice
-
-            check_kernels_choice(self.kernels)
-
-
-def pick_attention(requested: str) -> str:
-    """The attention kernel to load with; ``auto`` prefers flash-attention 2 on CUDA. Logged."""
-    if requested != "auto":
-        chosen = requested
-    else:
-        from transformers.utils import is_flash_attn_2_available
-
-        flash = torch.cuda.is_available() and is_flash_attn_2_available()
-        chosen = "flash_attention_2" if flash else "sdpa"
-    log.info("attention implementation: %s (requested %s)", chosen, requested)
-    return chosen
-
-
-# Families with their own bidirectional switch besides ``config.is_causal``. Gemma 3 text reads
-# ``use_bidirectional_attention`` (EmbeddingGemma's) in its mask builder and when it builds each
-# attention module, so setting it too keeps the exported ``config.json`` bidirectional for a plain
-# ``AutoModel.from_pretrained`` even where ``is_causal`` is not forwarded to the kernels. Set on a
-# built config it leaves the in-memory ``sliding_window`` as it is; ``Gemma3TextConfig.to_dict``
-# then writes 2 * (window - 1), which its ``__post_init__`` turns back into the same window on load
-# (local layers see ``window`` tokens each side, the reach the causal model had backwards).
-BIDIRECTIONAL_SWITCHES = {"gemma3_text": "use_bidirectional_attention"}
-
-
-def _set_causal(model: nn.Module, causal: bool) -> None:
-    model.config.is_causal = causal
-    for module in model.modules():
-        if hasattr(module, "is_causal") and isinstance(module.is_causal, bool):
-            module.is_causal = causal
-        cfg = getattr(module, "config", None)
-        if cfg is not None and hasattr(cfg, "model_type"):
-            cfg.is_causal = causal
-            switch = BIDIRECTIONAL_SWITCHES.get(cfg.model_type)
-            if switch and hasattr(cfg, switch):
-                setattr(cfg, switch, not causal)
-
-
-def make_bidirectional(model: nn.Module) -> None:
-    """Drop the causal mask (padding stays masked). Both switches are needed in transformers 5:
-    ``config.is_causal`` selects the bidirectional mask, and each attention module's ``is_causal``
-    stops SDPA/flash from re-adding causality when the mask is skipped (no padding in the batch).
-    Families in ``BIDIRECTIONAL_SWITCHES`` get their own flag as well (Gemma 3)."""
-    _set_causal(model, False)
-
-
-def make_causal(model: nn.Module) -> None:
-    """Restore the decoder's own causal attention (the untrained-LLM baseline)."""
-    _set_causal(model, True)
-
-
-def balanced_batches(padded: list[int], budget: int) -> list[tuple[int, int]]:
-    """``(start, end)`` runs of a longest-first length list, each at most ``budget`` padded tokens,
-    as few as the greedy fill needs but evened out: the greedy fill leaves a small last batch per
-    call, and a 3-row batch runs the decoder's matmuls far below their speed at 30 rows. The
-    budget is lowered while the count stays the same, which spreads the rows evenly."""
-
-    def fill(cap: int) -> list[tuple[int, int]]:
-        runs, start = [], 0
-        while start < len(padded):
-            size = max(1, cap // max(1, padded[start]))
-            runs.append((start, min(start + size, len(padded))))
-            start += size
-        return runs
-
-    count = len(fill(budget))
-    lo, hi = 1, budget  # the smallest cap that needs no more runs than the full budget
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if len(fill(mid)) <= count:
-            hi = mid
-        else:
-            lo = mid + 1
-    return fill(lo)
 
 class LLMEncoder(nn.Module):
     """Decoder LLM + pooler. ``forward`` maps token ids to embeddings [b, dim] (float32)."""
@@ -446,41 +281,3 @@ class LLMEncoder(nn.Module):
         pooler.to(dtype=dtype).requires_grad_(False)
         enc = cls(lm, tokenizer, pooler, pooling=meta["pooling"], max_length=int(meta["max_length"]), meta=meta)
         return enc.to(device).eval()
-
-
-def _split_points(lengths: list[int], k: int) -> list[int]:
-    """Cut points of sorted ``lengths`` into min(k, n) groups minimising sum(len(group) * max)."""
-    n = len(lengths)
-    if n == 0:
-        return []
-    k = max(1, min(k, n))
-    inf = float("inf")
-    # best[j][i]: least padded area of the first i items in j groups; a group (a, i] costs (i-a)*len[i-1].
-    best = [[inf] * (n + 1) for _ in range(k + 1)]
-    back = [[0] * (n + 1) for _ in range(k + 1)]
-    best[0][0] = 0.0
-    for j in range(1, k + 1):
-        for i in range(1, n + 1):
-            for a in range(j - 1, i):
-                cost = best[j - 1][a] + (i - a) * lengths[i - 1]
-                if cost < best[j][i]:
-                    best[j][i], back[j][i] = cost, a
-    # Exactly min(k, n) groups, even where fewer would pad as little: every rank of a ZeRO-3 run
-    # must run the same number of forwards (each one gathers the weights collectively).
-    j = k
-    cuts, i = [], n
-    while j > 1:
-        i = back[j][i]
-        cuts.append(i)
-        j -= 1
-    return sorted(c for c in cuts if 0 < c < n)
-
-
-def pooler_args(cfg: ModelConfig) -> dict[str, Any]:
-    """Pooler constructor arguments recorded in ``encoder.json`` (so ``from_dir`` rebuilds it)."""
-    args: dict[str, Any] = {}
-    if cfg.pooling == "latent_attention":
-        args.update(num_latents=cfg.pooler_latents, num_heads=cfg.pooler_heads)
-    if cfg.standardize:
-        args["standardize"] = True
-    return args

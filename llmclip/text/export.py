@@ -124,7 +124,8 @@ def export_final(module: nn.Module, cfg: Any, out: str | Path, dtype: Any) -> Pa
 
     from llmclip.checkpoint import full_parameter, trainable_parameters
     from llmclip.distributed import rank
-    from llmclip.text.encoder import LLMEncoder, pooler_args
+    from llmclip.text.encoder import LLMEncoder
+    from llmclip.text.model_config import pooler_args
 
     weights = {name: full_parameter(p) for name, p in trainable_parameters(module)}
     if rank() != 0:

@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 
 # Decoder-only families whose attention honours ``config.is_causal = False`` in transformers 5
 # (``gemma3_text``: the text-only Gemma 3, ``Gemma3ForCausalLM``; it also has its own switch,
-# ``use_bidirectional_attention``, which ``encoder.make_bidirectional`` sets as well).
+# ``use_bidirectional_attention``, which ``attention.make_bidirectional`` sets as well).
 DECODER_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 SMOLLM2 = "asset:smollm2-135m"
 GEMMA3 = "asset:gemma3-270m"

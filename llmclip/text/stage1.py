@@ -13,9 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,100 +23,16 @@ import torch.nn as nn
 from llmclip.config import (
     ConfigError,
     DeepSpeedSection,
-    OptimConfig,
-    RunConfig,
     lr_factor,
     resolve_precision,
     to_dict,
 )
-from llmclip.text.encoder import LLMEncoder, ModelConfig
-from llmclip.text.pairs import INSTRUCTIONS, build_pairs, report_text, text_id
+from llmclip.text.encoder import LLMEncoder
+from llmclip.text.pairs import report_text
+from llmclip.text.stage1_batch import _to, make_batch, step_seed
+from llmclip.text.stage1_config import ObjectiveConfig, Stage1Config
 
 log = logging.getLogger("llmclip.stage1")
-
-
-@dataclass
-class Stage1Data:
-    """Where the reports come from."""
-
-    shards: str = "shards/openi:train"
-    """Text-only shard spec: DIR, DIR:train or DIR:train,val (never the eval split)."""
-    num_workers: int = 0
-    """Loader worker processes per rank (text decoding is light; 0 is fine on CPU)."""
-
-    def validate(self) -> None:
-        if not self.shards:
-            raise ConfigError("must not be empty", "shards")
-        if self.num_workers < 0:
-            raise ConfigError("must be >= 0", "num_workers")
-
-
-@dataclass
-class ObjectiveConfig:
-    """The stage-1 objectives and their schedule."""
-
-    mntp_steps: int = 0
-    """Optimizer steps of MNTP before the contrastive steps start."""
-    mntp_mask_prob: float = 0.2
-    """Share of report tokens blanked for MNTP."""
-    mntp_chunk_mib: float = 32.0
-    """MiB of fp32 logits per chunk of the MNTP cross-entropy (0 = materialise all the logits)."""
-    contrastive_scale: float = 50.0
-    """Cosine similarity is multiplied by this before the softmax (inverse temperature)."""
-    hard_negatives: int = 1
-    """One-error edits per query used as extra negatives (gathered across ranks like positives)."""
-    summary_fraction: float = 0.5
-    """Share of pairs that are findings -> impression (the rest are report -> rewrite)."""
-    task_batches: bool = False
-    """One pair type per micro-step (drawn per step, the same on every rank, with probability
-    ``summary_fraction`` for findings -> impression): a findings query then meets the other
-    impressions of the global batch as negatives instead of mostly whole reports, which are easy."""
-    instructions: dict[str, str] = field(default_factory=lambda: dict(INSTRUCTIONS))
-    """Task instruction per pair type, prepended to queries and excluded from pooling ("" = none)."""
-
-    def validate(self) -> None:
-        if self.mntp_steps < 0:
-            raise ConfigError("must be >= 0", "mntp_steps")
-        if self.mntp_chunk_mib < 0:
-            raise ConfigError("must be >= 0 (0 = no chunking)", "mntp_chunk_mib")
-        if not 0 < self.mntp_mask_prob < 1:
-            raise ConfigError("must be in (0, 1)", "mntp_mask_prob")
-        if not self.contrastive_scale > 0:
-            raise ConfigError("must be > 0", "contrastive_scale")
-        if self.hard_negatives < 0:
-            raise ConfigError("must be >= 0", "hard_negatives")
-        if not 0 <= self.summary_fraction <= 1:
-            raise ConfigError("must be in [0, 1]", "summary_fraction")
-        missing = sorted(set(INSTRUCTIONS) - set(self.instructions))
-        if missing:
-            raise ConfigError(f"needs an instruction for {missing}", "instructions")
-
-
-@dataclass
-class Stage1Config:
-    """A stage-1 recipe (``stage: 1``)."""
-
-    stage: int = 1
-    """Which trainer ``llmclip/train.py`` runs: 1 = this text encoder."""
-    run: RunConfig = field(default_factory=lambda: RunConfig(out_dir="runs/stage1"))
-    """Run folder, seed, logging and checkpoint cadence."""
-    model: ModelConfig = field(default_factory=ModelConfig)
-    """The LLM, its precision, LoRA and pooling."""
-    data: Stage1Data = field(default_factory=Stage1Data)
-    """Text-only shards."""
-    stage1: ObjectiveConfig = field(default_factory=ObjectiveConfig)
-    """Objectives and schedule."""
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    """AdamW and the warmup + cosine schedule."""
-    deepspeed: DeepSpeedSection = field(
-        default_factory=lambda: DeepSpeedSection(config="ds_configs/cpu_zero3.json"))
-    """DeepSpeed JSON and the values this recipe fills into it."""
-
-    def validate(self) -> None:
-        if self.stage != 1:
-            raise ConfigError("a stage-1 config must say stage: 1", "stage")
-        if self.stage1.mntp_steps > self.optim.max_steps:
-            raise ConfigError("must not exceed optim.max_steps", "stage1.mntp_steps")
 
 
 # ------------------------------------------------------------------------------------ DeepSpeed
@@ -186,59 +100,6 @@ class Stage1Module(nn.Module):
         loss, metrics = contrastive_loss(q, docs[:b], docs[b:], batch["neg_valid"], batch["pos_ids"],
                                          batch["neg_ids"], self.obj.contrastive_scale)
         return {"loss": loss, "metrics": metrics}
-
-
-def step_seed(seed: int, step: int, rank: int, micro: int) -> int:
-    """Seed of one micro-step on one rank: independent of where the run (re)started."""
-    return (seed * 1_000_003 + step * 1_009 + micro * 101 + rank) % (2**63 - 1)
-
-
-def summary_share(obj: ObjectiveConfig, task_seed: int) -> float:
-    """The findings -> impression share of one micro-step: the recipe's mix, or with ``task_batches``
-    0 or 1 for the whole step (1 with probability ``summary_fraction``)."""
-    if not obj.task_batches:
-        return obj.summary_fraction
-    return float(random.Random(task_seed).random() < obj.summary_fraction)
-
-
-def make_batch(kind: str, metas: list[dict[str, Any]], enc: LLMEncoder, obj: ObjectiveConfig,
-               seed: int, blank_id: int, task_seed: int) -> dict[str, Any]:
-    """Tensors for one micro-step, built deterministically from ``seed`` (this rank's) and
-    ``task_seed`` (the same on every rank: it picks the step's pair type with ``task_batches``)."""
-    from llmclip.text.objectives import mntp_mask
-
-    if kind == "mntp":
-        # Length buckets, as for the contrastive pairs: a report batch padded to its longest row
-        # spends about half its activations (time and memory) on padding.
-        t = enc.tokenize_buckets([report_text(m) for m in metas], buckets=3)
-        gen = torch.Generator().manual_seed(seed)
-        masked = [mntp_mask(i, a, blank_id, obj.mntp_mask_prob, gen)
-                  for i, a in zip(t["input_ids"], t["attention_mask"], strict=True)]
-        return {"kind": "mntp", "buckets": {"input_ids": [m[0] for m in masked],
-                                            "attention_mask": t["attention_mask"],
-                                            "labels": [m[1] for m in masked]}}
-    rng = random.Random(seed)
-    pairs = build_pairs(metas, rng, obj.hard_negatives, summary_share(obj, task_seed))
-    return {
-        "kind": "contrastive",
-        "queries": enc.tokenize_buckets([p.query for p in pairs], [obj.instructions[p.kind] for p in pairs],
-                                        buckets=2),
-        "docs": enc.tokenize_buckets([p.positive for p in pairs] + [n for p in pairs for n in p.negatives],
-                                     buckets=3),
-        "neg_valid": torch.tensor([v for p in pairs for v in p.negative_valid], dtype=torch.bool),
-        "pos_ids": torch.tensor([text_id(p.positive) for p in pairs], dtype=torch.long),
-        "neg_ids": torch.tensor([text_id(n) for p in pairs for n in p.negatives], dtype=torch.long),
-    }
-
-
-def _to(batch: Any, device: torch.device) -> Any:
-    if torch.is_tensor(batch):
-        return batch.to(device)
-    if isinstance(batch, dict):
-        return {k: _to(v, device) for k, v in batch.items()}
-    if isinstance(batch, list):
-        return [_to(v, device) for v in batch]
-    return batch
 
 
 def calibrate_standardize(engine: Any, cfg: Stage1Config, device: torch.device,
@@ -321,15 +182,10 @@ def run(cfg: Stage1Config) -> int:
     import deepspeed
     import yaml
 
-    from llmclip.checkpoint import (
-        PREEMPTED_EXIT_CODE,
-        PreemptionHandler,
-        latest_checkpoint,
-        load_checkpoint,
-        save_checkpoint,
-    )
+    from llmclip.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
     from llmclip.distributed import all_gather_no_grad, barrier, init_distributed
     from llmclip.faults import inject_nonfinite
+    from llmclip.preemption import PREEMPTED_EXIT_CODE, PreemptionHandler
     from llmclip.text.export import export_final
     from llmclip.text.kernels import attention_backends
     from llmclip.text.objectives import blank_token_id

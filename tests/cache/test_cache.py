@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from llmclip.cache import CacheMismatch, EmbeddingCache, shard_keys
-from llmclip.cache.build import BuildOptions, build_cache, encode_shard, read_reports
+from llmclip.cache.build import BuildOptions, build_cache, encode_shard
+from llmclip.cache.texts import read_reports
 from llmclip.cli import main
 from llmclip.config import ConfigError
 from llmclip.data.text import clinical_text

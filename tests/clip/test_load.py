@@ -24,7 +24,8 @@ import llmclip
 from llmclip.clip.model import CLIPModel, ModelConfig, VisionConfig, tower_stats
 from llmclip.clip.state import encoder_record, find_encoder
 from llmclip.config import ConfigError, to_dict
-from llmclip.data.loader import decode_image, make_loader
+from llmclip.data.images import decode_image
+from llmclip.data.loader import make_loader
 from llmclip.data.shards import read_tar
 
 TINY_VIT = VisionConfig(

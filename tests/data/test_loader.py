@@ -229,7 +229,7 @@ def test_decode_image_draft_jpeg_and_16bit_png():
     import numpy as np
     from PIL import Image
 
-    from llmclip.data.loader import decode_image
+    from llmclip.data.images import decode_image
 
     a = (np.arange(300 * 200).reshape(200, 300) % 4096).astype(np.uint16) * 16
     buf = io.BytesIO()

@@ -27,7 +27,7 @@ def _metas(openi_shards) -> list[tuple[str, str, dict]]:
 
 
 def test_every_stage_reads_the_same_text(openi_shards):
-    from llmclip.cache.build import VARIANTS
+    from llmclip.cache.texts import VARIANTS
     from llmclip.clinical import Labeler, ReportGraph, negate
     from llmclip.clip.batching import report_text as stage2_text
     from llmclip.labels.commands import report_text as labels_text

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from llmclip.clip.stage2 import Stage2Config
 from llmclip.config import ConfigError, apply_overrides, from_dict, load_config, validate
-from llmclip.text.stage1 import Stage1Config
+from llmclip.text.stage1_config import Stage1Config
 
 CLASSES = {"stage1": Stage1Config, "stage2": Stage2Config}
 SIGNED_INTS = {"run.seed", "model.tiny.seed"}  # seeds may be negative; every other int counts or sizes

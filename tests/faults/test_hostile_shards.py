@@ -31,7 +31,7 @@ from fault_tools import (
 )
 
 from llmclip.cache import shard_keys
-from llmclip.cache.build import read_reports
+from llmclip.cache.texts import read_reports
 from llmclip.config import ConfigError
 from llmclip.data.loader import make_loader
 from llmclip.data.order import build_index
@@ -163,7 +163,7 @@ def _tar_bomb(root: Path, n: int = 100_000) -> Path:
 
 READ_ALL = """
 import json, sys
-from llmclip.cache.build import read_reports
+from llmclip.cache.texts import read_reports
 from llmclip.config import ConfigError
 from llmclip.data.loader import make_loader
 from llmclip.data.shards import verify

@@ -8,13 +8,10 @@ import json
 import pytest
 import torch
 
-from llmclip.text.encoder import (
-    LLMEncoder,
-    ModelConfig,
-    balanced_batches,
-    make_bidirectional,
-    make_causal,
-)
+from llmclip.text.attention import make_bidirectional, make_causal
+from llmclip.text.batching import balanced_batches
+from llmclip.text.encoder import LLMEncoder
+from llmclip.text.model_config import ModelConfig
 
 REPORT = "The heart is normal in size. There is a small left pleural effusion. No pneumothorax."
 
@@ -157,8 +154,8 @@ def test_length_buckets_match_one_padded_batch(encoders):
 
 
 def test_standardize_centres_scales_and_survives_the_encoder_dir(tmp_path):
-    from llmclip.text.encoder import pooler_args
     from llmclip.text.export import save_encoder_dir
+    from llmclip.text.model_config import pooler_args
     from llmclip.text.pooling import Standardize
 
     cfg = ModelConfig(source="tiny:llama", attention="sdpa", max_length=64, standardize=True)

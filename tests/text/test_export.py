@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from llmclip.cli import main
-from llmclip.text.encoder import LLMEncoder, ModelConfig, pooler_args
+from llmclip.text.encoder import LLMEncoder
 from llmclip.text.export import compute_fingerprint, save_encoder_dir
 from llmclip.text.model_card import RECIPE, RECIPE_BODY, adapter_status
+from llmclip.text.model_config import ModelConfig, pooler_args
 from llmclip.text.st_export import PROMPT_SEPARATOR, check_tokenization, prompt_for
 
 SUMMARY = "Given the findings of a chest X-ray report, retrieve its impression"

@@ -21,7 +21,9 @@ import yaml
 
 from llmclip.config import ConfigError
 from llmclip.distributed import free_port
-from llmclip.text.encoder import LLMEncoder, ModelConfig, make_bidirectional, make_causal
+from llmclip.text.attention import make_bidirectional, make_causal
+from llmclip.text.encoder import LLMEncoder
+from llmclip.text.model_config import ModelConfig
 from llmclip.text.sources import TINY_WINDOW
 
 REPO = Path(__file__).resolve().parents[2]
@@ -194,7 +196,7 @@ def test_gemma3_chunks_assemble_in_order_and_a_bad_checksum_is_refused(tmp_path)
 
 def test_builtin_sources_are_known_at_config_time():
     from llmclip.config import load_config
-    from llmclip.text.stage1 import Stage1Config
+    from llmclip.text.stage1_config import Stage1Config
 
     for source in ("tiny:mistral", "tiny:qwen2", "tiny:gemma3", "asset:gemma3-270m"):
         ModelConfig(source=source).validate()  # nothing is built or downloaded here

@@ -20,13 +20,8 @@ import torch.nn.functional as F
 import yaml
 
 from llmclip.config import ConfigError
-from llmclip.text.encoder import (
-    LLMEncoder,
-    LoraSection,
-    ModelConfig,
-    make_bidirectional,
-    make_causal,
-)
+from llmclip.text.attention import make_bidirectional, make_causal
+from llmclip.text.encoder import LLMEncoder
 from llmclip.text.kernels import (
     apply_liger,
     attention_backends,
@@ -34,6 +29,7 @@ from llmclip.text.kernels import (
     kernels_of,
     liger_status,
 )
+from llmclip.text.model_config import LoraSection, ModelConfig
 
 CUDA = torch.cuda.is_available()
 HAS_LIGER = importlib.util.find_spec("liger_kernel") is not None

@@ -166,7 +166,7 @@ def test_checkpointed_chunks_match_plain():
 def test_length_buckets_are_as_many_on_every_rank():
     """ZeRO-3 gathers weights in every forward: ranks must run equally many bucket forwards, even
     where a rank's lengths are all equal (one group would pad as little)."""
-    from llmclip.text.encoder import _split_points
+    from llmclip.text.batching import _split_points
 
     assert len(_split_points([7, 7, 7, 7], 3)) == 2  # 3 groups
     assert len(_split_points([3, 5, 8, 40, 41], 3)) == 2

@@ -6,7 +6,8 @@ from __future__ import annotations
 import random
 
 from llmclip.text.pairs import build_pairs
-from llmclip.text.stage1 import ObjectiveConfig, step_seed, summary_share
+from llmclip.text.stage1_batch import step_seed, summary_share
+from llmclip.text.stage1_config import ObjectiveConfig
 from llmclip.text.stream import ReportStream
 
 

@@ -146,7 +146,7 @@ def test_calibrated_latent_pooler_trains_past_checkpoints(openi_shards, tmp_path
 
 def test_recipes_validate():
     from llmclip.config import load_config
-    from llmclip.text.stage1 import Stage1Config
+    from llmclip.text.stage1_config import Stage1Config
 
     for name in ("tiny", "demo", "llama3-8b", "mistral-7b"):
         cfg = load_config(Stage1Config, REPO / "configs" / "stage1" / f"{name}.yaml")

@@ -1,0 +1,63 @@
+"""Attention of a decoder LLM used as an encoder: the kernel it is loaded with, and its mask.
+
+An encoder's token states should see the whole report, so the causal mask is dropped
+(``make_bidirectional``); ``make_causal`` restores it for the untrained-LLM baseline.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn as nn
+
+log = logging.getLogger(__name__)
+
+
+def pick_attention(requested: str) -> str:
+    """The attention kernel to load with; ``auto`` prefers flash-attention 2 on CUDA. Logged."""
+    if requested != "auto":
+        chosen = requested
+    else:
+        from transformers.utils import is_flash_attn_2_available
+
+        flash = torch.cuda.is_available() and is_flash_attn_2_available()
+        chosen = "flash_attention_2" if flash else "sdpa"
+    log.info("attention implementation: %s (requested %s)", chosen, requested)
+    return chosen
+
+
+# Families with their own bidirectional switch besides ``config.is_causal``. Gemma 3 text reads
+# ``use_bidirectional_attention`` (EmbeddingGemma's) in its mask builder and when it builds each
+# attention module, so setting it too keeps the exported ``config.json`` bidirectional for a plain
+# ``AutoModel.from_pretrained`` even where ``is_causal`` is not forwarded to the kernels. Set on a
+# built config it leaves the in-memory ``sliding_window`` as it is; ``Gemma3TextConfig.to_dict``
+# then writes 2 * (window - 1), which its ``__post_init__`` turns back into the same window on load
+# (local layers see ``window`` tokens each side, the reach the causal model had backwards).
+BIDIRECTIONAL_SWITCHES = {"gemma3_text": "use_bidirectional_attention"}
+
+
+def _set_causal(model: nn.Module, causal: bool) -> None:
+    model.config.is_causal = causal
+    for module in model.modules():
+        if hasattr(module, "is_causal") and isinstance(module.is_causal, bool):
+            module.is_causal = causal
+        cfg = getattr(module, "config", None)
+        if cfg is not None and hasattr(cfg, "model_type"):
+            cfg.is_causal = causal
+            switch = BIDIRECTIONAL_SWITCHES.get(cfg.model_type)
+            if switch and hasattr(cfg, switch):
+                setattr(cfg, switch, not causal)
+
+
+def make_bidirectional(model: nn.Module) -> None:
+    """Drop the causal mask (padding stays masked). Both switches are needed in transformers 5:
+    ``config.is_causal`` selects the bidirectional mask, and each attention module's ``is_causal``
+    stops SDPA/flash from re-adding causality when the mask is skipped (no padding in the batch).
+    Families in ``BIDIRECTIONAL_SWITCHES`` get their own flag as well (Gemma 3)."""
+    _set_causal(model, False)
+
+
+def make_causal(model: nn.Module) -> None:
+    """Restore the decoder's own causal attention (the untrained-LLM baseline)."""
+    _set_causal(model, True)

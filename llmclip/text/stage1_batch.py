@@ -1,0 +1,70 @@
+"""Stage-1 micro-batches: the tensors of one micro-step on one rank.
+
+A batch is a pure function of its seeds and the reports drawn (``step_seed`` depends only on the
+seed, step, rank and micro-step), so a run resumed from a checkpoint builds the very batches a run
+that never stopped would have.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import torch
+
+from llmclip.text.encoder import LLMEncoder
+from llmclip.text.pairs import build_pairs, report_text, text_id
+from llmclip.text.stage1_config import ObjectiveConfig
+
+
+def step_seed(seed: int, step: int, rank: int, micro: int) -> int:
+    """Seed of one micro-step on one rank: independent of where the run (re)started."""
+    return (seed * 1_000_003 + step * 1_009 + micro * 101 + rank) % (2**63 - 1)
+
+
+def summary_share(obj: ObjectiveConfig, task_seed: int) -> float:
+    """The findings -> impression share of one micro-step: the recipe's mix, or with ``task_batches``
+    0 or 1 for the whole step (1 with probability ``summary_fraction``)."""
+    if not obj.task_batches:
+        return obj.summary_fraction
+    return float(random.Random(task_seed).random() < obj.summary_fraction)
+
+
+def make_batch(kind: str, metas: list[dict[str, Any]], enc: LLMEncoder, obj: ObjectiveConfig,
+               seed: int, blank_id: int, task_seed: int) -> dict[str, Any]:
+    """Tensors for one micro-step, built deterministically from ``seed`` (this rank's) and
+    ``task_seed`` (the same on every rank: it picks the step's pair type with ``task_batches``)."""
+    from llmclip.text.objectives import mntp_mask
+
+    if kind == "mntp":
+        # Length buckets, as for the contrastive pairs: a report batch padded to its longest row
+        # spends about half its activations (time and memory) on padding.
+        t = enc.tokenize_buckets([report_text(m) for m in metas], buckets=3)
+        gen = torch.Generator().manual_seed(seed)
+        masked = [mntp_mask(i, a, blank_id, obj.mntp_mask_prob, gen)
+                  for i, a in zip(t["input_ids"], t["attention_mask"], strict=True)]
+        return {"kind": "mntp", "buckets": {"input_ids": [m[0] for m in masked],
+                                            "attention_mask": t["attention_mask"],
+                                            "labels": [m[1] for m in masked]}}
+    rng = random.Random(seed)
+    pairs = build_pairs(metas, rng, obj.hard_negatives, summary_share(obj, task_seed))
+    return {
+        "kind": "contrastive",
+        "queries": enc.tokenize_buckets([p.query for p in pairs], [obj.instructions[p.kind] for p in pairs],
+                                        buckets=2),
+        "docs": enc.tokenize_buckets([p.positive for p in pairs] + [n for p in pairs for n in p.negatives],
+                                     buckets=3),
+        "neg_valid": torch.tensor([v for p in pairs for v in p.negative_valid], dtype=torch.bool),
+        "pos_ids": torch.tensor([text_id(p.positive) for p in pairs], dtype=torch.long),
+        "neg_ids": torch.tensor([text_id(n) for p in pairs for n in p.negatives], dtype=torch.long),
+    }
+
+
+def _to(batch: Any, device: torch.device) -> Any:
+    if torch.is_tensor(batch):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {k: _to(v, device) for k, v in batch.items()}
+    if isinstance(batch, list):
+        return [_to(v, device) for v in batch]
+    return batch
