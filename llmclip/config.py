@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
-import functools
 import math
 import re
 import shutil
@@ -373,29 +372,3 @@ class DeepSpeedSection:
         if self.precision not in ("auto", "bf16", "fp32", "bf16-autocast"):
             raise ConfigError(f"must be auto, bf16, fp32 or bf16-autocast, got {self.precision!r}",
                               "precision")
-
-
-@functools.cache
-def cpu_has_amx_bf16() -> bool:
-    """Whether this CPU multiplies bf16 matrices in hardware (Intel AMX tiles).
-
-    Measured on such a CPU: a 2048x576x1536 bf16 matmul ran at 1.57 TFLOP/s on one core against
-    0.17 for fp32; CPUs without it emulate bf16 and run it several times slower than fp32. The flag
-    is read from /proc/cpuinfo, so every rank of a homogeneous node decides the same.
-    """
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            return any(line.startswith("flags") and " amx_bf16" in line for line in fh)
-    except OSError:
-        return False
-
-
-def resolve_precision(precision: str, cuda: bool, autocast_ok: bool = True) -> str:
-    """The precision a run uses: ``bf16`` (bf16 weights, DeepSpeed bf16), ``fp32``, or
-    ``bf16-autocast`` (fp32 weights and optimizer, matmuls in bf16 under ``torch.autocast``).
-    ``autocast_ok=False`` for the jobs without an autocast path (stage 2, cache, eval): CPU = fp32."""
-    if precision != "auto":
-        return precision
-    if cuda:
-        return "bf16"
-    return "bf16-autocast" if autocast_ok and cpu_has_amx_bf16() else "fp32"

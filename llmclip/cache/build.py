@@ -36,7 +36,8 @@ from llmclip.cache import (
     write_sidecar,
 )
 from llmclip.cache.texts import VARIANTS, parse_variants, read_reports
-from llmclip.config import ConfigError, resolve_precision
+from llmclip.config import ConfigError
+from llmclip.precision import resolve_precision
 
 # Texts per encode() call: enough for the encoder to form several full token-budget batches from a
 # length-sorted run, small enough that the progress bar moves.

@@ -32,8 +32,8 @@ from llmclip.config import (
     OptimConfig,
     RunConfig,
     lr_factor,
-    resolve_precision,
 )
+from llmclip.precision import resolve_precision
 
 
 @dataclass

@@ -42,8 +42,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from llmclip.config import ConfigError, resolve_precision
+from llmclip.config import ConfigError
 from llmclip.eval.suite import Encode, TextSuite
+from llmclip.precision import resolve_precision
 
 log = logging.getLogger("llmclip.eval.text")
 BASELINES = ("tfidf", "minilm", "base-llm")

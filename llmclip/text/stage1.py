@@ -24,9 +24,9 @@ from llmclip.config import (
     ConfigError,
     DeepSpeedSection,
     lr_factor,
-    resolve_precision,
     to_dict,
 )
+from llmclip.precision import resolve_precision
 from llmclip.text.encoder import LLMEncoder
 from llmclip.text.pairs import report_text
 from llmclip.text.stage1_batch import _to, make_batch, step_seed
@@ -37,7 +37,7 @@ log = logging.getLogger("llmclip.stage1")
 
 # ------------------------------------------------------------------------------------ DeepSpeed
 def precision(ds: DeepSpeedSection) -> str:
-    """``bf16``, ``fp32`` or ``bf16-autocast`` (see ``config.resolve_precision``)."""
+    """``bf16``, ``fp32`` or ``bf16-autocast`` (see ``llmclip.precision``)."""
     return resolve_precision(ds.precision, torch.cuda.is_available())
 
 

@@ -140,3 +140,25 @@ def test_stage2_ablation_recipes_differ_from_the_demo_only_in_their_losses():
         }, name
     full = read_yaml(repo / "configs/stage2/ablations/full.yaml")
     assert full["loss"] == demo["loss"]
+
+
+@pytest.mark.parametrize("flags, found", [
+    ("flags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_bf16 amx_tile", "amx_bf16"),
+    ("flags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni", "avx512_bf16"),
+    ("flags\t\t: fpu sse2 avx2 avx512f", None),
+    ("model name\t: no flags line", None),
+])
+def test_bf16_matmul_flag_reads_the_cpuinfo_flags(flags, found):
+    from llmclip.precision import bf16_matmul_flag
+
+    assert bf16_matmul_flag(f"processor\t: 0\n{flags}\n") == found
+
+
+def test_auto_precision_follows_the_hardware():
+    from llmclip.precision import cpu_bf16_matmul, resolve_precision
+
+    assert resolve_precision("auto", cuda=True) == "bf16"
+    assert resolve_precision("fp32", cuda=True) == "fp32"
+    assert resolve_precision("auto", cuda=False, autocast_ok=False) == "fp32"
+    cpu = "bf16-autocast" if cpu_bf16_matmul() else "fp32"
+    assert resolve_precision("auto", cuda=False) == cpu
