@@ -28,7 +28,8 @@ query + positive + negatives) for both. FLOPs of one llmclip step are counted by
 ``FlopCounterMode`` and set against a same-run GEMM peak (``torch.matmul`` at the decoder's own
 linear shapes, same threads and dtype). Last, the MNTP step's peak memory (resident set above the
 step's start, each run in a fresh process) with the chunked cross-entropy vs the materialised
-logits, at the recipe's vocabulary.
+logits, at the recipe's vocabulary (``_mntp_memory.py``; the pipe to the llm2vec process is
+``_llm2vec_client.py``).
 """
 
 from __future__ import annotations
@@ -38,7 +39,6 @@ import json
 import logging
 import os
 import random
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -47,11 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as C  # noqa: E402
 import torch  # noqa: E402
-
-VENV = C.REPO / ".bench-venv" / "llm2vec"
-# Versions that install together and run on this machine's torch (llm2vec 0.2.3 requires
-# transformers <= 4.44.2; peft releases after 0.12 need a newer transformers).
-PEER_PACKAGES = ["torch==2.14.1", "llm2vec==0.2.3", "transformers==4.44.2", "peft==0.12.0"]
+from _llm2vec_client import VENV, Peer, ensure_peer_venv  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -85,73 +81,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mntp-child", default="", help=argparse.SUPPRESS)
     p.add_argument("--json", default="", help="also write the results to this JSON file")
     return p.parse_args(argv)
-
-
-# ------------------------------------------------------------------------------------------------
-# The peer's venv
-# ------------------------------------------------------------------------------------------------
-
-
-def ensure_peer_venv() -> Path:
-    """``.bench-venv/llm2vec`` with PEER_PACKAGES (isolated from .venv); created once."""
-    py = VENV / "bin" / "python"
-    stamp = VENV / ".installed"
-    want = " ".join(PEER_PACKAGES)
-    if py.exists() and stamp.exists() and stamp.read_text(encoding="utf-8") == want:
-        return py
-    base = getattr(sys, "_base_executable", sys.executable)
-    cmds = [
-        [base, "-m", "venv", "--clear", str(VENV)],
-        [str(py), "-m", "pip", "install", "-q", *PEER_PACKAGES],
-    ]
-    for cmd in cmds:
-        print("+ " + " ".join(cmd), flush=True)
-        subprocess.run(cmd, check=True)
-    stamp.write_text(want, encoding="utf-8")
-    return py
-
-
-class Peer:
-    """The llm2vec step in its own process; ``run(k)`` -> seconds of each of k steps."""
-
-    def __init__(self, py: Path, model: Path, batches: Path, args: argparse.Namespace, threads: int,
-                 cfg, autocast: bool):
-        lora = cfg.model.lora
-        cmd = [str(py), str(Path(__file__).resolve().parent / "_llm2vec_peer.py"),
-               "--model", str(model), "--batches", str(batches),
-               "--max-length", str(cfg.model.max_length), "--threads", str(threads),
-               "--lora-r", str(lora.r), "--lora-alpha", str(lora.alpha),
-               "--lora-dropout", str(lora.dropout), "--scale", str(cfg.stage1.contrastive_scale),
-               "--lr", str(cfg.optim.lr), *(["--autocast"] if autocast else [])]
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
-        self.proc = subprocess.Popen(
-            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=C.REPO
-        )
-        line = self._line()
-        if not line.startswith("READY "):
-            raise RuntimeError(f"llm2vec peer did not start: {line!r}")
-        self.info = json.loads(line[6:])
-        self.seconds: list[float] = []
-        self.loss = float("nan")
-
-    def _line(self) -> str:
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"llm2vec peer exited ({self.proc.wait()}); see its stderr above")
-        return line.strip()
-
-    def run(self, k: int) -> None:
-        self.proc.stdin.write(f"run {k}\n")
-        self.proc.stdin.flush()
-        out = json.loads(self._line())
-        self.seconds.append(sum(out["seconds"]))
-        self.loss = out["loss"]
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.stdin.write("quit\n")
-            self.proc.stdin.flush()
-            self.proc.wait(timeout=60)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -327,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     C.offline_hub()
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    from _mntp_memory import mntp_child, mntp_memory
+
     if args.mntp_child:
         return mntp_child(args)
     if args.only_mntp:
@@ -408,109 +339,6 @@ def main(argv: list[str] | None = None) -> int:
         result["mntp_memory"] = mntp_memory(args)
     C.write_json(args.json, result)
     print(C.verdict("llmclip stage-1 recipe vs llm2vec 0.2.3 (tokens/s)", ratio, 1.3))
-    return 0
-
-
-# ------------------------------------------------------------------------------------------------
-# MNTP peak memory: chunked cross-entropy vs materialised logits
-# ------------------------------------------------------------------------------------------------
-
-
-def mntp_memory(args: argparse.Namespace) -> dict:
-    """Peak resident memory of one MNTP step above its start, each variant in fresh processes
-    (interleaved, ``--mntp-reps`` each), at the recipe's vocabulary."""
-    base = [sys.executable, __file__, "--config", args.config, "--hidden", str(args.hidden),
-            "--layers", str(args.layers), "--heads", str(args.heads), "--kv-heads",
-            str(args.kv_heads), "--intermediate", str(args.intermediate), "--threads",
-            str(args.threads), "--mntp-reports", str(args.mntp_reports), "--vocab", str(args.vocab)]
-    if args.precision:
-        base += ["--precision", args.precision]
-    if args.mntp_no_ckpt:
-        base += ["--mntp-no-ckpt"]
-    peaks: dict[str, list[float]] = {"chunked": [], "materialised": [], "every-position": []}
-    info = {}
-    for _ in range(args.mntp_reps):
-        for variant in peaks:
-            out = subprocess.run([*base, "--mntp-child", variant], check=True, text=True,
-                                 capture_output=True, cwd=C.REPO).stdout
-            rec = json.loads(out.strip().splitlines()[-1])
-            peaks[variant].append(rec.pop("step_peak_mib"))
-            info = rec  # vocab, blanked rows, precision: the same in every child
-    chunk, full = C.median(peaks["chunked"]), C.median(peaks["materialised"])
-    every = C.median(peaks["every-position"])
-    ckpt = "without" if args.mntp_no_ckpt else "with"
-    print(f"MNTP step, {args.mntp_reports} reports, vocab {info['vocab']}, {info['rows']} blanked "
-          f"tokens ({info['precision']}, {ckpt} gradient checkpointing): peak memory above the step's start, median of "
-          f"{args.mntp_reps} fresh processes: chunked {chunk:.0f} MiB vs materialised logits "
-          f"{full:.0f} MiB = {chunk / full:.2f} [target <= 0.50: {'met' if chunk <= full / 2 else 'NOT met'}]")
-    print(f"  vs logits at every position, as llm2vec's MNTP computes them ({every:.0f} MiB): "
-          f"{chunk / every:.2f} [target <= 0.50: {'met' if chunk <= every / 2 else 'NOT met'}]")
-    return {"step_peak_mib": peaks, "ratio": chunk / full, "ratio_every_position": chunk / every,
-            "checkpointing": ckpt == "with", **info}
-
-
-def _proc_status_kib(key: str) -> int:
-    for line in Path("/proc/self/status").read_text(encoding="utf-8").splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {key}")
-
-
-def every_position_loss(module, buckets: dict) -> torch.Tensor:
-    """The MNTP loss the way llm2vec (and a Hugging Face causal-LM head) computes it: the LM head
-    over every position, fp32 logits, cross-entropy with the unblanked positions ignored. Same
-    forward passes and buckets as llmclip's step; only the head differs."""
-    import torch.nn.functional as F
-
-    enc, total, rows = module.encoder, 0.0, 0
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=module.autocast):
-        for ids, mask, labels in zip(buckets["input_ids"], buckets["attention_mask"],
-                                     buckets["labels"], strict=True):
-            logits = enc.lm_head(enc.hidden_states(ids, mask)[:, :-1]).float()
-            target = labels[:, 1:]
-            total = total + F.cross_entropy(logits.flatten(0, 1), target.flatten(),
-                                            ignore_index=-100, reduction="sum")
-            rows += int((target != -100).sum())
-    return total / max(rows, 1)
-
-
-def mntp_child(args: argparse.Namespace) -> int:
-    """One MNTP forward + backward in this fresh process; prints its peak RSS above the start."""
-    import gc
-
-    from llmclip.text.objectives import blank_token_id
-    from llmclip.text.sources import build_tiny_llama
-    from llmclip.text.stage1 import precision
-    from llmclip.text.stage1_batch import make_batch
-
-    C.set_threads(args.threads)
-    with tempfile.TemporaryDirectory(prefix="llmclip-bench-mntp-") as tmp:
-        model_dir = build_tiny_llama(model_spec(args), str(Path(tmp) / "models"))
-        cfg = stage1_config(args, model_dir, Path(tmp) / "run")
-        if args.mntp_child == "materialised":
-            cfg.stage1.mntp_chunk_mib = 0.0
-        cfg.model.gradient_checkpointing = not args.mntp_no_ckpt
-        step = LLMClipPlainStep(cfg)
-        enc = step.encoder
-        metas = openi_metas(args.mntp_reports)
-        blank = blank_token_id(enc.tokenizer)
-        # A two-report warm-up first: one-time allocations (kernel workspaces, lazy inits) are not
-        # the step's memory, and a small warm-up leaves too little behind to hide the real peak.
-        warm = step.module(**make_batch("mntp", metas[:2], enc, cfg.stage1, 1, blank, 0))
-        warm["loss"].backward()
-        del warm
-        b = make_batch("mntp", metas, enc, cfg.stage1, 0, blank, 0)
-        gc.collect()
-        # The kernel's own high-water mark, reset here (Linux: clear_refs 5): exact, no sampling.
-        Path("/proc/self/clear_refs").write_text("5", encoding="utf-8")
-        start = _proc_status_kib("VmRSS")
-        if args.mntp_child == "every-position":
-            every_position_loss(step.module, b["buckets"]).backward()
-        else:
-            step.module(**b)["loss"].backward()
-        peak = _proc_status_kib("VmHWM")
-    print(json.dumps({"step_peak_mib": (peak - start) / 1024, "vocab": enc.lm_head.weight.shape[0],
-                      "rows": sum(int((x != -100).sum()) for x in b["buckets"]["labels"]), "precision": precision(cfg.deepspeed)}))
     return 0
 
 
