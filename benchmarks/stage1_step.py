@@ -190,7 +190,8 @@ class LLMClipEngineStep:
 
         torch.manual_seed(0)
         self.encoder = LLMEncoder.build(cfg.model, torch.bfloat16 if use_bf16(cfg.deepspeed) else torch.float32)
-        module = Stage1Module(self.encoder, cfg.stage1, autocast=autocast(cfg))
+        module = Stage1Module(self.encoder, cfg.stage1, autocast=autocast(cfg),
+                              autocast_attention=cfg.deepspeed.autocast_attention)
         opt = torch.optim.AdamW(
             param_groups(module, cfg.optim.weight_decay), lr=cfg.optim.lr,
             betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
@@ -222,7 +223,8 @@ class LLMClipPlainStep:
 
         torch.manual_seed(0)
         self.encoder = LLMEncoder.build(cfg.model, torch.float32)
-        self.module = Stage1Module(self.encoder, cfg.stage1, autocast=autocast(cfg)).train()
+        self.module = Stage1Module(self.encoder, cfg.stage1, autocast=autocast(cfg),
+                              autocast_attention=cfg.deepspeed.autocast_attention).train()
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(
             param_groups(self.module, cfg.optim.weight_decay), lr=cfg.optim.lr,

@@ -357,7 +357,9 @@ class DeepSpeedSection:
     grad_accum: int = 1
     """Micro-steps per optimizer step."""
     precision: Literal["auto", "bf16", "fp32", "bf16-autocast"] = "auto"
-    """``auto`` = bf16 on CUDA; on CPU bf16-autocast (stage 1) where the CPU has AMX-BF16, else fp32."""
+    """``auto`` = bf16 on CUDA; on CPU bf16-autocast (stage 1) where it has AMX or AVX512-BF16, else fp32."""
+    autocast_attention: Literal["fp32", "bf16"] = "fp32"
+    """Attention kernel's precision under bf16-autocast on a CPU (fp32: faster there, see text/attention.py)."""
 
     def validate(self) -> None:
         if not self.config:
@@ -369,6 +371,8 @@ class DeepSpeedSection:
             raise ConfigError("must be >= 1", "micro_batch_size")
         if self.grad_accum < 1:
             raise ConfigError("must be >= 1", "grad_accum")
+        if self.autocast_attention not in ("fp32", "bf16"):
+            raise ConfigError(f"must be fp32 or bf16, got {self.autocast_attention!r}", "autocast_attention")
         if self.precision not in ("auto", "bf16", "fp32", "bf16-autocast"):
             raise ConfigError(f"must be auto, bf16, fp32 or bf16-autocast, got {self.precision!r}",
                               "precision")

@@ -27,6 +27,7 @@ from llmclip.config import (
     to_dict,
 )
 from llmclip.precision import resolve_precision
+from llmclip.text.attention import use_fp32_attention
 from llmclip.text.encoder import LLMEncoder
 from llmclip.text.pairs import report_text
 from llmclip.text.stage1_batch import _to, make_batch, step_seed
@@ -72,11 +73,14 @@ class Stage1Module(nn.Module):
     """What DeepSpeed wraps: the encoder plus both objectives, so every parameter fetch under
     ZeRO-3 happens inside one ``forward``."""
 
-    def __init__(self, encoder: LLMEncoder, obj: ObjectiveConfig, autocast: bool = False):
+    def __init__(self, encoder: LLMEncoder, obj: ObjectiveConfig, autocast: bool = False,
+                 autocast_attention: str = "fp32"):
         super().__init__()
         self.encoder = encoder
         self.obj = obj
         self.autocast = autocast  # bf16 matmuls, fp32 weights and optimizer (bf16-autocast)
+        if autocast and autocast_attention == "fp32" and not torch.cuda.is_available():
+            use_fp32_attention(encoder.decoder)  # CPU: fp32 flash attention beats bf16 (attention.py)
 
     def forward(self, kind: str, **batch: torch.Tensor) -> dict[str, Any]:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -218,7 +222,8 @@ def run(cfg: Stage1Config) -> int:
     torch.manual_seed(cfg.run.seed)
     encoder = LLMEncoder.build(cfg.model, dtype)
     mode = precision(cfg.deepspeed)
-    module = Stage1Module(encoder, cfg.stage1, autocast=mode == "bf16-autocast")
+    module = Stage1Module(encoder, cfg.stage1, autocast=mode == "bf16-autocast",
+                          autocast_attention=cfg.deepspeed.autocast_attention)
     n_train = sum(p.numel() for p in module.parameters() if p.requires_grad)
     log.info("trainable parameters: %d; precision %s; ZeRO stage %s; world %d", n_train,
              mode, ds_config["zero_optimization"].get("stage"), env.world_size)

@@ -294,3 +294,68 @@ def test_fused_sdpa_kernels_match_eager_on_cuda(backend, padded):
     assert_same_states(out, _states(eager, batch), batch["attention_mask"], rel=3e-2)
     with attention_backends("cuda"):  # the trainer's context picks a fused kernel, not math
         assert_same_states(_states(sdpa, batch), _states(eager, batch), batch["attention_mask"], 3e-2)
+
+
+# ------------------------------------------------------------------------------------------------
+# fp32 attention under a CPU bf16 autocast (stage 1's bf16-autocast recipe)
+# ------------------------------------------------------------------------------------------------
+
+
+def _spy_sdpa(monkeypatch) -> list[tuple[torch.dtype, bool]]:
+    """Record (query dtype, autocast on) of every SDPA call transformers makes."""
+    seen: list[tuple[torch.dtype, bool]] = []
+    real = F.scaled_dot_product_attention
+
+    def spy(q, *a, **kw):
+        seen.append((q.dtype, torch.is_autocast_enabled("cpu")))
+        return real(q, *a, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    return seen
+
+
+@cpu_only
+def test_fp32_attention_is_sdpa_in_fp32_under_autocast(monkeypatch):
+    from llmclip.text.attention import FP32_SDPA, use_fp32_attention
+
+    plain, fp32 = _build("sdpa", lora=True), _build("sdpa", lora=True)
+    assert use_fp32_attention(fp32.decoder)
+    assert fp32.base_model.config._attn_implementation == FP32_SDPA
+    batch = plain.tokenize(TEXTS)
+    assert bool((batch["attention_mask"] == 0).any())
+    # Outside autocast it is the very same kernel on the very same inputs: identical states.
+    torch.testing.assert_close(_states(fp32, batch), _states(plain, batch), rtol=0, atol=0)
+    seen = _spy_sdpa(monkeypatch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, theirs = _states(fp32, batch), _states(plain, batch)
+    layers = fp32.base_model.config.num_hidden_layers
+    assert seen[:layers] == [(torch.float32, False)] * layers  # fp32, autocast off: no bf16 cast
+    assert all(on for _, on in seen[layers:])  # the plain model's SDPA is autocast to bf16
+    assert_same_states(ours, _states(plain, batch), batch["attention_mask"], rel=3e-2)
+    assert (ours - theirs).abs().max() > 0  # a different kernel precision really ran
+    # Gradients reach the LoRA weights through the fp32 kernel (B: A gets none while B = 0).
+    fp32.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fp32.hidden_states(batch["input_ids"], batch["attention_mask"]).float().square().mean().backward()
+    grads = [p.grad for n, p in fp32.named_parameters() if "lora_B" in n and "q_proj" in n]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_fp32_attention_leaves_other_kernels_alone(eager_sdpa):
+    from llmclip.text.attention import use_fp32_attention
+
+    eager, _ = eager_sdpa
+    assert not use_fp32_attention(eager.decoder)
+    assert eager.base_model.config._attn_implementation == "eager"
+
+
+@cpu_only
+@pytest.mark.parametrize(("autocast", "attention", "expected"),
+                         [(True, "fp32", "llmclip_sdpa_fp32"), (True, "bf16", "sdpa"), (False, "fp32", "sdpa")])
+def test_stage1_module_picks_fp32_attention_only_under_cpu_autocast(autocast, attention, expected):
+    from llmclip.text.stage1 import Stage1Module
+    from llmclip.text.stage1_config import ObjectiveConfig
+
+    enc = _build("sdpa", lora=True)
+    Stage1Module(enc, ObjectiveConfig(), autocast=autocast, autocast_attention=attention)
+    assert enc.base_model.config._attn_implementation == expected
