@@ -143,7 +143,7 @@ def check_stage1(env: Env, work: Path) -> dict[str, Any]:
                 "inverse": torch.arange(rows, device=engine.device)}  # fmt: skip
 
     batch = {
-        "kind": "contrastive", "queries": bucket(b), "docs": bucket(2 * b),
+        "kind": "contrastive", "texts": bucket(3 * b), "queries": b,
         "neg_valid": torch.ones(b, dtype=torch.bool, device=engine.device),
         "pos_ids": torch.arange(b, device=engine.device),
         "neg_ids": torch.arange(b, 2 * b, device=engine.device),

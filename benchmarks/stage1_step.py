@@ -139,7 +139,7 @@ def peer_tokens(peer_batches: list[dict], tokenizer) -> list[int]:
 
 def token_counts(b: dict) -> tuple[int, int]:
     """(real, padded) tokens of one contrastive batch (queries + docs, every length bucket)."""
-    masks = [*b["queries"]["attention_mask"], *b["docs"]["attention_mask"]]
+    masks = b["texts"]["attention_mask"]
     return sum(int(m.sum()) for m in masks), sum(int(m.numel()) for m in masks)
 
 
@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
             # The peer times its steps itself (no pipe latency); use those seconds.
             times["llm2vec"] = peer.seconds[-args.reps:]
             flops = C.count_flops(lambda: [ours.step(b) for b in batches])
-            rows_per_forward = padded // (k * 5)  # 2 query + 3 document length buckets per step
+            rows_per_forward = padded // (k * cfg.stage1.length_buckets)  # one forward per bucket
             dtype = torch.float32 if mode == "fp32" else torch.bfloat16
             shapes = C.linear_shapes(ours.encoder.decoder, rows_per_forward, skip=("lora_", "lm_head"))
             peak = C.gemm_peak(shapes, dtype)

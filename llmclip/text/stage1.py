@@ -98,10 +98,9 @@ class Stage1Module(nn.Module):
             hidden, target = torch.cat([h for h, _ in rows]), torch.cat([t for _, t in rows])
             loss = lm_head_loss(hidden, enc.lm_head, target, self.obj.mntp_chunk_mib)
             return {"loss": loss, "metrics": {}}
-        q = enc.embed_buckets(batch["queries"])
-        docs = enc.embed_buckets(batch["docs"])
-        b = q.shape[0]
-        loss, metrics = contrastive_loss(q, docs[:b], docs[b:], batch["neg_valid"], batch["pos_ids"],
+        emb = enc.embed_buckets(batch["texts"])  # queries, then positives, then negatives
+        b = int(batch["queries"])
+        loss, metrics = contrastive_loss(emb[:b], emb[b : 2 * b], emb[2 * b :], batch["neg_valid"], batch["pos_ids"],
                                          batch["neg_ids"], self.obj.contrastive_scale)
         return {"loss": loss, "metrics": metrics}
 

@@ -40,6 +40,8 @@ class ObjectiveConfig:
     """Cosine similarity is multiplied by this before the softmax (inverse temperature)."""
     hard_negatives: int = 1
     """One-error edits per query used as extra negatives (gathered across ranks like positives)."""
+    length_buckets: int = 3
+    """Separately padded length buckets per micro-step (one forward each; queries and documents share them)."""
     summary_fraction: float = 0.5
     """Share of pairs that are findings -> impression (the rest are report -> rewrite)."""
     task_batches: bool = False
@@ -60,6 +62,8 @@ class ObjectiveConfig:
             raise ConfigError("must be > 0", "contrastive_scale")
         if self.hard_negatives < 0:
             raise ConfigError("must be >= 0", "hard_negatives")
+        if self.length_buckets < 1:
+            raise ConfigError("must be >= 1", "length_buckets")
         if not 0 <= self.summary_fraction <= 1:
             raise ConfigError("must be in [0, 1]", "summary_fraction")
         missing = sorted(set(INSTRUCTIONS) - set(self.instructions))
