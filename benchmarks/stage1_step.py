@@ -10,13 +10,15 @@ once to a temporary folder: speed does not depend on the weights' values. Both s
 recipe's LoRA (r, alpha, dropout on q,k,v,o,gate,up,down) with bidirectional sdpa attention, mean
 pooling over the report tokens (instruction excluded), InfoNCE at the recipe's scale with its hard
 negatives per query, AdamW, gradient-norm clip 1.0, in the recipe's precision (``auto``: bf16
-autocast on a CPU with AMX-BF16, else fp32; the peer gets the same autocast), on the same batches of
+autocast on a CPU with AMX-BF16 or AVX512-BF16, else fp32; the peer gets the same autocast; llmclip
+runs its attention kernel in fp32 inside it, as the recipe's ``autocast_attention`` says), on the
+same batches of
 real Open-I report pairs built by ``llmclip.text.pairs.build_pairs``:
 
 - ``llmclip``: what ``llmclip/train.py`` runs for stage 1 -- ``LLMEncoder.build`` +
   ``Stage1Module`` (contrastive objective) under a DeepSpeed engine with the recipe's DeepSpeed JSON,
-  on the tensors of ``llmclip.text.stage1_batch.make_batch`` (queries and documents split into length
-  buckets); ``--plain`` adds the same module in a bare torch loop (what the engine costs);
+  on the tensors of ``llmclip.text.stage1_batch.make_batch`` (queries and documents sharing the
+  recipe's ``length_buckets``, one forward each); ``--plain`` adds the same module in a bare torch loop (what the engine costs);
 - ``llm2vec``: llm2vec 0.2.3's supervised step (see ``_llm2vec_peer.py``), in its own venv
   (``.bench-venv/llm2vec``, created here on first use: llm2vec pins transformers 4.44), in a
   subprocess that exchanges only numbers (JSON) with this one.
