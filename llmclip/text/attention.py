@@ -6,7 +6,9 @@ An encoder's token states should see the whole report, so the causal mask is dro
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -67,17 +69,15 @@ def make_causal(model: nn.Module) -> None:
 FP32_SDPA = "llmclip_sdpa_fp32"
 
 
-def _sdpa_fp32(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-               attention_mask: torch.Tensor | None, **kwargs) -> tuple[torch.Tensor, None]:
-    """transformers' own SDPA forward, run on fp32 q, k, v with autocast off (the projections
-    around it stay in bf16). PyTorch's CPU flash-attention kernel is slower in bf16 than in fp32:
-    forward + backward at report lengths (9 heads of 64, 48-192 tokens, ~4K tokens a batch) measured
-    1.2-2.8x faster in fp32 on an AVX512-BF16 CPU. fp32 is also the more accurate of the two."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
+def _sdpa_fp32(sdpa: Callable, module: nn.Module, query: torch.Tensor, key: torch.Tensor,
+               value: torch.Tensor, attention_mask: torch.Tensor | None, **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers' own SDPA forward (``sdpa``), run on fp32 q, k, v with autocast off (the
+    projections around it stay in bf16). PyTorch's CPU flash-attention kernel is slower in bf16 than
+    in fp32: forward + backward at report lengths (9 heads of 64, 48-192 tokens, ~4K tokens a batch)
+    ran 1.2-2.8x faster in fp32 on an AVX512-BF16 CPU (one-off microbenchmark, session 9). fp32 is
+    also the more accurate of the two."""
     with torch.autocast(query.device.type, enabled=False):
-        return sdpa_attention_forward(module, query.float(), key.float(), value.float(),
-                                      attention_mask, **kwargs)
+        return sdpa(module, query.float(), key.float(), value.float(), attention_mask, **kwargs)
 
 
 def use_fp32_attention(model: nn.Module) -> bool:
@@ -86,11 +86,13 @@ def use_fp32_attention(model: nn.Module) -> bool:
     SDPA's own); nothing is saved with the model, an exported ``config.json`` is unchanged. Returns
     False (and changes nothing) for models loaded with another kernel (eager, flash-attention)."""
     from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     if getattr(model.config, "_attn_implementation", None) != "sdpa":
         return False
-    AttentionInterface.register(FP32_SDPA, _sdpa_fp32)
+    # Bound here, once: the kernel runs in every layer of every forward.
+    AttentionInterface.register(FP32_SDPA, functools.partial(_sdpa_fp32, sdpa_attention_forward))
     AttentionMaskInterface.register(FP32_SDPA, sdpa_mask)
     model.set_attn_implementation(FP32_SDPA)
     log.info("attention kernel in fp32 under bf16 autocast (%s)", FP32_SDPA)
