@@ -36,12 +36,21 @@ def _launch(cfg, tmp_path, tag: str) -> list[Proc]:
                  rank_env(rank=r, world=2, port=port)) for r in (0, 1)]
 
 
+def _checkpointed_step(run) -> int:
+    found = latest_checkpoint(run)
+    return int(found.name.split("-")[1]) if found is not None else 0
+
+
 def _lose_rank1(procs: list[Proc], run, after_steps: int, seed: int, sig: int) -> tuple[int, float, str]:
-    """Wait for ``after_steps`` logged steps, a seeded delay, then signal rank 1; returns rank 0's
-    exit code, seconds from the signal to its exit, and its log."""
+    """Wait until step ``after_steps`` is logged and checkpointed, a seeded delay, then signal rank
+    1; returns rank 0's exit code, seconds from the signal to its exit, and its log.
+
+    Waiting for the checkpoint, not only the metrics line: a step is logged before it is saved, and
+    a rank lost during that save (a collective) rightly leaves no checkpoint of it, so a fault timed
+    on the log alone could leave the resume step with nothing to resume from."""
     rank0, rank1 = procs
     deadline = time.monotonic() + 600
-    while count_lines(run / "metrics.jsonl") < after_steps:
+    while count_lines(run / "metrics.jsonl") < after_steps or _checkpointed_step(run) < after_steps:
         assert rank0.p.poll() is None and rank1.p.poll() is None, rank0.tail() + rank1.tail()
         assert time.monotonic() < deadline, "no progress:\n" + rank0.tail()
         time.sleep(0.02)
