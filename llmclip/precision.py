@@ -1,5 +1,7 @@
-"""Which precision a job runs in: the hardware decides ``auto`` (bf16 on CUDA; on a CPU, bf16 autocast
-where it has bf16 matrix instructions, else fp32)."""
+"""Which precision a job runs in: the hardware decides ``auto``. Training: bf16 on CUDA; on a CPU with
+bf16 matrix instructions, stage 1 runs bf16 autocast and stage 2 fp32 (it has no autocast path);
+elsewhere fp32. Inference (cache builder, ``eval text``): bf16 weights wherever the hardware has bf16
+matmuls (CUDA, or such a CPU), else fp32."""
 
 from __future__ import annotations
 
@@ -33,9 +35,24 @@ def bf16_matmul_flag(cpuinfo: str) -> str | None:
 def resolve_precision(precision: str, cuda: bool, autocast_ok: bool = True) -> str:
     """The precision a run uses: ``bf16`` (bf16 weights, DeepSpeed bf16), ``fp32``, or
     ``bf16-autocast`` (fp32 weights and optimizer, matmuls in bf16 under ``torch.autocast``).
-    ``autocast_ok=False`` for the jobs without an autocast path (stage 2, cache, eval): CPU = fp32."""
+    ``autocast_ok=False`` for a training job without an autocast path (stage 2): CPU = fp32."""
     if precision != "auto":
         return precision
     if cuda:
         return "bf16"
     return "bf16-autocast" if autocast_ok and cpu_bf16_matmul() else "fp32"
+
+
+def inference_precision(precision: str, cuda: bool) -> str:
+    """``bf16`` or ``fp32`` weights for a forward-only job (cache builder, ``eval text``).
+
+    ``auto`` takes bf16 on CUDA and on a CPU with bf16 matrix instructions: with no optimizer nothing
+    needs fp32 weights, and the encoder's forward is GEMM-bound. Measured once on an AVX512-BF16 EPYC
+    (2 cores, the demo's stage-1 encoder, its 3,927 reports x 4 columns; separate runs, not
+    interleaved): ``cache build`` 43.4 reports/s against 20.8 in fp32 (2.1x); rows within cosine
+    0.9996 of fp32's (median 0.99991), 1 - cos three orders of magnitude below the median gap between
+    a report and its negation; ``eval text`` figures moved by at most 0.3 points. The same choice CUDA
+    has always made. Elsewhere fp32 (emulated bf16 is several times slower). ``fp32`` keeps fp32."""
+    if precision != "auto":
+        return precision
+    return "bf16" if cuda or cpu_bf16_matmul() else "fp32"

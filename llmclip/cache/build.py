@@ -37,7 +37,7 @@ from llmclip.cache import (
 )
 from llmclip.cache.texts import VARIANTS, parse_variants, read_reports
 from llmclip.config import ConfigError
-from llmclip.precision import resolve_precision
+from llmclip.precision import inference_precision
 
 # Texts per encode() call: enough for the encoder to form several full token-budget batches from a
 # length-sorted run, small enough that the progress bar moves.
@@ -74,7 +74,7 @@ class BuildOptions:
     instruction: str | None = None
     """Instruction prepended to every text; None = the encoder's own."""
     precision: str = "auto"
-    """Encoder compute dtype: auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32."""
+    """Encoder weights dtype: auto (bf16 on CUDA or a CPU with bf16 matmuls, else fp32), bf16 or fp32."""
     compile: bool = False
     """``torch.compile`` the decoder (dynamic shapes) for this build: one compile per process (~30 s
     for SmolLM2 on one CPU core), then ~1.3x faster CPU forwards in bf16."""
@@ -281,7 +281,7 @@ def build_cache(opts: BuildOptions, encoder: Any = None) -> BuildResult:
         if not cuda:
             _share_cpu_threads(torch)
         device = f"cuda:{env.local_rank}" if cuda else "cpu"
-        bf16 = resolve_precision(opts.precision, cuda, autocast_ok=False) == "bf16"
+        bf16 = inference_precision(opts.precision, cuda) == "bf16"
         encoder = LLMEncoder.from_dir(
             opts.encoder, device=device, dtype=torch.bfloat16 if bf16 else torch.float32
         )

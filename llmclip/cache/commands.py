@@ -213,7 +213,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--precision",
         default="auto",
         choices=["auto", "bf16", "fp32"],
-        help="compute dtype: auto = bf16 on CUDA, fp32 on CPU",
+        help="compute dtype: auto = bf16 on CUDA or a CPU with bf16 matmuls (AMX, AVX512-BF16), "
+        "else fp32",
     )
     b.add_argument(
         "--compile",

@@ -44,7 +44,7 @@ import torch
 
 from llmclip.config import ConfigError
 from llmclip.eval.suite import Encode, TextSuite
-from llmclip.precision import resolve_precision
+from llmclip.precision import inference_precision
 
 log = logging.getLogger("llmclip.eval.text")
 BASELINES = ("tfidf", "minilm", "base-llm")
@@ -231,7 +231,7 @@ def register_args(p: argparse.ArgumentParser) -> None:
         "--precision",
         choices=("auto", "fp32", "bf16"),
         default="auto",
-        help="LLM inference dtype (auto: bf16 on CUDA, fp32 on CPU)",
+        help="LLM inference dtype (auto: bf16 on CUDA or a CPU with bf16 matmuls, else fp32)",
     )
     p.add_argument("--batch-tokens", type=int, default=4096, help="token budget per LLM batch")
 
@@ -254,7 +254,7 @@ def run(args: argparse.Namespace) -> int:
     cuda = torch.cuda.is_available()
     if not cuda:
         torch.set_num_threads(os.cpu_count() or 1)
-    bf16 = resolve_precision(args.precision, cuda, autocast_ok=False) == "bf16"
+    bf16 = inference_precision(args.precision, cuda) == "bf16"
     dtype = torch.bfloat16 if bf16 else torch.float32
     device = "cuda" if cuda else "cpu"
     metas = load_reports(args.shards, args.max_reports, args.seed)

@@ -24,6 +24,7 @@ from llmclip.cache.texts import read_reports
 from llmclip.cli import main
 from llmclip.config import ConfigError
 from llmclip.data.text import clinical_text
+from llmclip.precision import cpu_bf16_matmul
 
 # The edit columns ride along so that 2-rank, 1-rank and resumed builds must pick the same edits.
 VARIANTS = ["report", "negated", "impression", "laterality", "severity"]
@@ -49,6 +50,8 @@ def _build_cmd(encoder: Path, shards: Path, out: Path, *extra: str) -> list[str]
         "--variants",
         ",".join(VARIANTS),
         "--no-progress",
+        "--precision",  # compared with ref_cache, which the fp32 encoder object built
+        "fp32",
         *extra,
     ]
 
@@ -188,6 +191,23 @@ def test_each_distinct_text_of_a_shard_is_encoded_once(ref_cache, openi_shards, 
         rtol=1e-3,
         atol=1e-3,
     )
+
+
+@pytest.mark.skipif(not cpu_bf16_matmul(), reason="auto is fp32 on a CPU without bf16 matmuls")
+def test_auto_precision_encodes_in_bf16_on_a_cpu_with_bf16_matmuls(ref_cache, openi_shards,
+                                                                   tiny_encoder_dir, tmp_path):
+    """The default (``auto``) loads the encoder itself in bf16 here: rows that are not the fp32
+    reference's bits, yet point where its rows point."""
+    out = tmp_path / "auto"
+    build_cache(BuildOptions(encoder=str(tiny_encoder_dir), shards=str(openi_shards), out=str(out),
+                             variants=list(VARIANTS), progress=False))
+    got, ref = EmbeddingCache(out), EmbeddingCache(ref_cache)
+    assert got.identity == ref.identity and got.counts == ref.counts
+    for name in ref.counts:
+        a, b = got.array(name).astype(np.float32), ref.array(name).astype(np.float32)
+        assert not np.array_equal(a, b), f"{name}: bf16 did not run"
+        cos = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+        assert cos.min() > 0.999, (name, float(cos.min()))
 
 
 def test_two_ranks_under_deepspeed_equal_one_rank(

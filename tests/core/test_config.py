@@ -162,3 +162,15 @@ def test_auto_precision_follows_the_hardware():
     assert resolve_precision("auto", cuda=False, autocast_ok=False) == "fp32"
     cpu = "bf16-autocast" if cpu_bf16_matmul() else "fp32"
     assert resolve_precision("auto", cuda=False) == cpu
+
+
+@pytest.mark.parametrize("flag, want", [("amx_bf16", "bf16"), ("avx512_bf16", "bf16"), (None, "fp32")])
+def test_inference_takes_bf16_weights_wherever_the_hardware_has_bf16_matmuls(monkeypatch, flag, want):
+    import llmclip.precision as P
+
+    monkeypatch.setattr(P, "cpu_bf16_matmul", lambda: flag)
+    assert P.inference_precision("auto", cuda=False) == want
+    assert P.inference_precision("auto", cuda=True) == "bf16"
+    assert P.inference_precision("fp32", cuda=True) == "fp32"
+    assert P.inference_precision("bf16", cuda=False) == "bf16"
+    assert P.resolve_precision("auto", cuda=False, autocast_ok=False) == "fp32"  # stage 2: no autocast
