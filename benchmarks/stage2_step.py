@@ -3,8 +3,15 @@
     python benchmarks/stage2_step.py                  # ViT-Tiny, 96 px, batch 32 (~1 min, 2 cores)
     python benchmarks/stage2_step.py --vision vit_small_patch16_224 --image-size 224 --batch 64
 
-Every contender trains the same timm vision tower (name, seed, image size, batch, fp32, AdamW,
-grad-norm clip 1.0) on the same batches of real Open-I reports. Before timing, a frozen tiny Llama
+Every contender trains the same timm vision tower (name, seed, image size, batch, precision, AdamW,
+grad-norm clip 1.0) on the same batches of real Open-I reports. Precision: the recipe's
+``deepspeed.precision`` as it resolves on this machine (``--precision`` overrides): ``fp32`` on both
+sides, or ``bf16-autocast`` -- llmclip runs its vision tower under bf16 autocast with fp32 weights,
+AdamW and losses, and open_clip runs its own ``amp_bf16`` (autocast over its whole forward and
+loss, fp32 weights and AdamW). Attention: each side's own default -- llmclip's towers take timm's
+eager attention path on a CPU (``model.vision.attention: auto``, ``clip.model.set_tower_attention``),
+open_clip keeps timm's fused SDPA; ``--peer-attention eager`` gives open_clip the eager path too, to
+show what that one choice is worth. Before timing, a frozen tiny Llama
 (real SmolLM2 tokenizer) writes each report's embedding and its negated, laterality-swapped and
 severity-changed edits (``llmclip.cache.texts.VARIANTS``) into a real embedding cache: one fp16
 ``.emb.npy`` sidecar, memory-mapped by both sides.
@@ -60,6 +67,8 @@ OPEN_CLIP_HINT = "open_clip is not installed; it is the peer of this benchmark:\
 SHARD = "train-000000"
 COLUMNS = ("report", "negated", "laterality", "severity")
 OURS, PEER, ONLINE = "llmclip", "open_clip (same work)", "open_clip (online text)"
+# llmclip's stage-2 precision -> open_clip_train's --precision doing the same work.
+PEER_PRECISION = {"fp32": "fp32", "bf16-autocast": "amp_bf16"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -82,6 +91,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--llm-hidden", type=int, default=256, help="cache encoder (tiny Llama) width")
     p.add_argument("--llm-layers", type=int, default=4, help="cache encoder (tiny Llama) depth")
     p.add_argument("--threads", type=int, default=1, help=C.THREADS_HELP)
+    p.add_argument("--precision", default="recipe", choices=("recipe", "fp32", "bf16-autocast"),
+                   help="both sides' precision (recipe: the recipe's, resolved on this machine)")
+    p.add_argument("--peer-attention", default="timm", choices=("timm", "eager"),
+                   help="open_clip tower's attention: timm's default (fused SDPA) or the eager path "
+                        "llmclip takes on a CPU (shows what that choice is worth)")
     p.add_argument("--json", default="", help="also write the results to this JSON file")
     return p.parse_args(argv)
 
@@ -174,7 +188,7 @@ def llmclip_trainer(args: argparse.Namespace, work: Path, samples: list[dict]):
         "data.augment=false", f"model.vision.name={args.vision}", "model.vision.kwargs={}",
         "model.vision.pretrained=false", "model.vision.drop_path_rate=0.0",
         f"deepspeed.micro_batch_size={args.batch}", "deepspeed.grad_accum=1",
-        "deepspeed.precision=fp32",
+        *([f"deepspeed.precision={args.precision}"] if args.precision != "recipe" else []),
         f"deepspeed.config={args.ds_config or recipe_ds_config(args.config)}",
     ])  # fmt: skip
     t = Stage2Trainer.__new__(Stage2Trainer)
@@ -230,10 +244,13 @@ class BatchList(list):
 class OpenClipStep:
     """open_clip's ``train_one_epoch`` over ``steps`` in-memory batches per call."""
 
-    def __init__(self, args: argparse.Namespace, embed_dim: int, work: Path, sidecar: Path | None):
+    def __init__(self, args: argparse.Namespace, embed_dim: int, work: Path, sidecar: Path | None,
+                 precision: str):
         import open_clip
         import timm
         from open_clip_train.scheduler import cosine_lr
+
+        from llmclip.clip.model import set_tower_attention
 
         name = "bench-timm-cached" if sidecar else "bench-timm-online"
         w = 64 if sidecar else args.text_width  # cached: a throwaway text tower, replaced below
@@ -257,6 +274,8 @@ class OpenClipStep:
         model.visual.trunk = timm.create_model(
             args.vision, pretrained=False, num_classes=0, img_size=args.image_size
         )
+        if args.peer_attention == "eager":
+            set_tower_attention(model.visual.trunk, "eager")
         if sidecar:
             model.text = CachedTextTower(sidecar, COLUMNS.index("report"), embed_dim)
         self.model = model
@@ -278,7 +297,7 @@ class OpenClipStep:
             local_loss=False, gather_with_grad=False, cache_labels=True, rank=0, world_size=1
         )
         self.args = SimpleNamespace(
-            device="cpu", precision="fp32", distill=False, accum_freq=1, skip_scheduler=False,
+            device="cpu", precision=precision, distill=False, accum_freq=1, skip_scheduler=False,
             grad_clip_norm=1.0, horovod=False, log_every_n_steps=10**9, batch_size=args.batch,
             world_size=1, rank=0, local_rank=0, wandb=False, distributed=False,
         )  # fmt: skip
@@ -313,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         print(OPEN_CLIP_HINT, file=sys.stderr)
         return 2
+    from llmclip.clip.stage2 import stage2_precision
     from llmclip.data.text import sample_text
 
     logging.basicConfig(level=logging.WARNING)
@@ -325,10 +345,14 @@ def main(argv: list[str] | None = None) -> int:
         samples = build_inputs(args, n, work / "cache")
         ours = llmclip_trainer(args, work, samples)
         embed_dim = ours.cfg.model.embed_dim
+        prec = stage2_precision(ours.cfg)
+        if prec not in PEER_PRECISION:
+            print(f"stage-2 precision {prec!r} has no CPU peer here; pass --precision", file=sys.stderr)
+            return 2
         sidecar = work / "cache" / f"{SHARD}.emb.npy"
-        peers = {PEER: OpenClipStep(args, embed_dim, work, sidecar)}
+        peers = {PEER: OpenClipStep(args, embed_dim, work, sidecar, PEER_PRECISION[prec])}
         if not args.no_online:
-            peers[ONLINE] = OpenClipStep(args, embed_dim, work, None)
+            peers[ONLINE] = OpenClipStep(args, embed_dim, work, None, PEER_PRECISION[prec])
         C.set_threads(args.threads)  # DeepSpeed's CPU accelerator may have changed it
         images = torch.stack([x["image"] for x in samples])
         norm = (images.float() / 255.0 - 0.5) / 0.5  # open_clip's loader output (normalised)
@@ -364,7 +388,8 @@ def main(argv: list[str] | None = None) -> int:
         with torch.no_grad():
             seq = ours.model.visual.forward_features(torch.zeros(1, 3, s, s))
         tokens = b * (seq.shape[1] if seq.dim() == 3 else 1)
-        peak = C.gemm_peak(C.linear_shapes(ours.model.visual, tokens))
+        dtype = torch.bfloat16 if prec == "bf16-autocast" else torch.float32  # the tower's matmuls
+        peak = C.gemm_peak(C.linear_shapes(ours.model.visual, tokens), dtype)
         ok = all(np.isfinite(losses))
 
     def row(name: str, ts: list[float], label: str = "") -> list:
@@ -378,7 +403,9 @@ def main(argv: list[str] | None = None) -> int:
         rows_out += [row(OURS, online[OURS], "llmclip (run 2)"), row(ONLINE, online[ONLINE])]
     cfg = ours.cfg
     soft, neg = cfg.loss.soft_labels, cfg.loss.negation
-    print(f"stage-2 step: {args.vision} @ {s}px, batch {b}, fp32, {threads} threads, "
+    print(f"stage-2 step: {args.vision} @ {s}px, batch {b}, {prec} (open_clip: "
+          f"{PEER_PRECISION[prec]}), attention {cfg.model.vision.attention} (open_clip: "
+          f"{args.peer_attention}), {threads} threads, "
           f"{args.reps} interleaved reps x {k} steps (online pairing: {args.online_reps}); cache "
           f"encoder: tiny Llama {args.llm_layers} x {args.llm_hidden}, columns "
           f"{','.join(COLUMNS)}")  # fmt: skip
@@ -392,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
         print("warning: llmclip loss was not finite", file=sys.stderr)
     r = C.ratio_of_medians(times[OURS], times[PEER])
     result = {"benchmark": "stage2_step", "args": vars(args), "threads": threads,
+              "precision": prec, "peer_precision": PEER_PRECISION[prec],
+              "attention": ours.cfg.model.vision.attention, "peer_attention": args.peer_attention,
               "steps_per_rep": k, "seconds": times, "seconds_online_pairing": online,
               "flops_per_step": flops, "gemm_peak_flops": peak,
               "ratio_vs_same_work_open_clip": r.as_dict()}  # fmt: skip

@@ -357,7 +357,7 @@ class DeepSpeedSection:
     grad_accum: int = 1
     """Micro-steps per optimizer step."""
     precision: Literal["auto", "bf16", "fp32", "bf16-autocast"] = "auto"
-    """``auto`` = bf16 on CUDA; on CPU bf16-autocast (stage 1) where it has AMX or AVX512-BF16, else fp32."""
+    """``auto`` = bf16 on CUDA; on a CPU with AMX or AVX512-BF16 bf16-autocast, else fp32."""
     autocast_attention: Literal["fp32", "bf16"] = "fp32"
     """Attention kernel's precision under bf16-autocast on a CPU (fp32: faster there, see text/attention.py)."""
 

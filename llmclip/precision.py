@@ -1,5 +1,5 @@
 """Which precision a job runs in: the hardware decides ``auto``. Training: bf16 on CUDA; on a CPU with
-bf16 matrix instructions, stage 1 runs bf16 autocast and stage 2 fp32 (it has no autocast path);
+bf16 matrix instructions, bf16 autocast (stage 1: the decoder's matmuls; stage 2: the vision tower);
 elsewhere fp32. Inference (cache builder, ``eval text``): bf16 weights wherever the hardware has bf16
 matmuls (CUDA, or such a CPU), else fp32."""
 
@@ -32,15 +32,14 @@ def bf16_matmul_flag(cpuinfo: str) -> str | None:
     return next((f for f in ("amx_bf16", "avx512_bf16") if f in flags), None)
 
 
-def resolve_precision(precision: str, cuda: bool, autocast_ok: bool = True) -> str:
+def resolve_precision(precision: str, cuda: bool) -> str:
     """The precision a run uses: ``bf16`` (bf16 weights, DeepSpeed bf16), ``fp32``, or
-    ``bf16-autocast`` (fp32 weights and optimizer, matmuls in bf16 under ``torch.autocast``).
-    ``autocast_ok=False`` for a training job without an autocast path (stage 2): CPU = fp32."""
+    ``bf16-autocast`` (fp32 weights and optimizer, matmuls in bf16 under ``torch.autocast``)."""
     if precision != "auto":
         return precision
     if cuda:
         return "bf16"
-    return "bf16-autocast" if autocast_ok and cpu_bf16_matmul() else "fp32"
+    return "bf16-autocast" if cpu_bf16_matmul() else "fp32"
 
 
 def inference_precision(precision: str, cuda: bool) -> str:

@@ -36,6 +36,7 @@ from llmclip.clip.stage2 import (
     _now,
     augment,
     make_engine,
+    stage2_precision,
 )
 from llmclip.config import ConfigError, to_dict
 from llmclip.data.order import RankStream, build_index
@@ -111,6 +112,7 @@ class Stage2Trainer:
         )
         self.step = 0
         if self.env.is_main:
+            print(f"stage2: precision {stage2_precision(cfg)}; world {self.env.world_size}", flush=True)
             self.out.mkdir(parents=True, exist_ok=True)
             ckpt.write_run_files(self.out, to_dict(cfg), self.ds_config)
         if cfg.run.resume:

@@ -171,3 +171,68 @@ def test_edited_reports_keep_their_columns():
     assert out["negated"].shape == (3, 4, 24)
     for k in range(4):
         assert torch.allclose(out["negated"][:, k], model.encode_text(edited[:, k]), atol=1e-6)
+
+
+def test_autocast_vision_runs_only_the_tower_in_bf16():
+    """``deepspeed.precision: bf16-autocast`` (stage2.make_engine sets ``autocast_vision``): the
+    tower's matmuls run in bf16, while its weights, the projection, the text side and the gradients
+    stay fp32; the embeddings agree with fp32's within bf16 rounding."""
+    torch.manual_seed(0)
+    model = CLIPModel(ModelConfig(vision=TINY_VIT, embed_dim=24), text_dim=40, image_size=32)
+    pixels = model.preprocess(torch.randint(0, 256, (4, 1, 32, 32), dtype=torch.uint8))
+    seen: dict[str, torch.dtype] = {}
+    for name in ("visual", "image_proj"):
+        getattr(model, name).register_forward_hook(lambda m, i, o, n=name: seen.__setitem__(n, o.dtype))
+    first_linear = next(m for m in model.visual.modules() if isinstance(m, torch.nn.Linear))
+    first_linear.register_forward_hook(lambda m, i, o: seen.__setitem__("tower linear", o.dtype))
+
+    want = model.encode_image(pixels)
+    assert seen == {"visual": torch.float32, "image_proj": torch.float32, "tower linear": torch.float32}
+    model.autocast_vision = True
+    out = model(pixels, torch.randn(4, 40))
+    assert seen["tower linear"] == torch.bfloat16 and seen["image_proj"] == torch.float32
+    assert out["image"].dtype == out["text"].dtype == torch.float32
+    cos = (out["image"] * want).sum(-1)
+    assert cos.min() > 0.99 and not torch.equal(out["image"], want)
+    out["image"].sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32
+               for p in model.visual.parameters() if p.requires_grad)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+@pytest.mark.parametrize("precision", ["auto", "fp32", "bf16-autocast", "bf16"])
+def test_stage2_precision_sets_the_engine_and_the_tower(precision: str):
+    from pathlib import Path
+
+    from llmclip.clip.stage2 import Stage2Config, build_ds_config, stage2_precision
+    from llmclip.config import load_config
+    from llmclip.precision import cpu_bf16_matmul
+
+    recipe = Path(__file__).resolve().parents[2] / "configs" / "stage2" / "tiny.yaml"
+    cfg = load_config(Stage2Config, recipe, [f"deepspeed.precision={precision}"])
+    auto = "bf16" if torch.cuda.is_available() else "bf16-autocast" if cpu_bf16_matmul() else "fp32"
+    want = auto if precision == "auto" else precision
+    assert stage2_precision(cfg) == want
+    assert build_ds_config(cfg, 1)["bf16"]["enabled"] is (want == "bf16")  # autocast: fp32 weights
+
+
+def test_tower_attention_paths_agree_and_auto_takes_eager_on_a_cpu():
+    """``model.vision.attention``: the eager path and the fused SDPA kernel compute the same
+    embeddings and gradients; ``auto`` takes eager where there is no CUDA (clip/model.py)."""
+    from llmclip.clip.model import set_tower_attention
+
+    torch.manual_seed(0)
+    model = CLIPModel(ModelConfig(vision=TINY_VIT, embed_dim=24), text_dim=40, image_size=32)
+    blocks = [m for m in model.visual.modules() if hasattr(m, "fused_attn")]
+    assert blocks and all(m.fused_attn is torch.cuda.is_available() for m in blocks)
+    pixels = model.preprocess(torch.randint(0, 256, (4, 1, 32, 32), dtype=torch.uint8))
+    out = {}
+    for attention in ("eager", "fused"):
+        assert set_tower_attention(model.visual, attention) == len(blocks)
+        assert all(m.fused_attn is (attention == "fused") for m in blocks)
+        model.zero_grad()
+        emb = model.encode_image(pixels)
+        emb.square().sum().backward()
+        out[attention] = (emb.detach(), blocks[0].qkv.weight.grad.clone())
+    torch.testing.assert_close(out["eager"][0], out["fused"][0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out["eager"][1], out["fused"][1], atol=1e-5, rtol=1e-4)
