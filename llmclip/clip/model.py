@@ -277,8 +277,9 @@ def set_tower_attention(tower: nn.Module, attention: str) -> int:
     SDPA kernel or the eager path; returns how many blocks there are.
 
     ``auto`` takes eager on a CPU: at a ViT's short sequences PyTorch's fused CPU kernel, forward
-    plus backward, was 3.3-5.5x slower than eager in bf16 and 1.0-1.3x in fp32 (ViT-Tiny at 96 px,
-    37 tokens, batch 32, one thread: 26.1 vs 4.7 ms in bf16; one-off microbenchmark). On CUDA the
+    plus backward, was 4.0-5.5x slower than eager in bf16 and 1.0-1.35x in fp32 at 37-80 tokens
+    (ViT-Tiny at 96 px, 37 tokens, batch 32, one thread: 26.1 vs 4.7 ms in bf16; one-off
+    microbenchmark). On CUDA the
     fused kernels (flash / memory-efficient) win and keep memory linear in the sequence."""
     fused = torch.cuda.is_available() if attention == "auto" else attention == "fused"
     blocks = [m for m in tower.modules() if hasattr(m, "fused_attn")]
