@@ -38,6 +38,32 @@ def timed(env: Env, fn, steps: int, warmup: int) -> list[float]:
 
 
 
+def profile_step(env: Env, fn) -> dict[str, Any]:
+    """One more step under the PyTorch profiler: wall time, the GPU's busy time (sum of kernel
+    times) and the kernels that take it, so a low MFU can be told apart into launch/host overhead
+    (busy << wall) and slow kernels (which ones)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if env.device.type == "cuda" else [])
+    env.sync()
+    t0 = time.perf_counter()
+    with profile(activities=acts) as prof:
+        fn()
+        env.sync()
+    wall = time.perf_counter() - t0
+    events = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    busy_us = sum(e.device_time_total for e in events)  # kernels on side streams may overlap
+    table: dict[str, list[float]] = {}
+    for e in events:
+        row = table.setdefault(e.name[:120], [0.0, 0])
+        row[0] += e.device_time_total
+        row[1] += 1
+    top = sorted(table.items(), key=lambda kv: -kv[1][0])[:25]
+    return {"wall_s": wall, "gpu_busy_s": busy_us / 1e6, "kernel_launches": len(events),
+            "top_kernels": [{"name": k, "ms": v[0] / 1e3, "calls": v[1]} for k, v in top]}
+
+
 # ------------------------------------------------------------------------------------------------
 # 3. stage 1 QLoRA
 # ------------------------------------------------------------------------------------------------
@@ -51,15 +77,15 @@ def random_llama_dir(env: Env, work: Path) -> tuple[Path, str]:
     from llmclip.text.sources import smollm2_tokenizer_dir
 
     name = "smoke-tiny" if env.smoke else "llama3-8b"
-    out = work / f"random-{name}"
-    if (out / "config.json").is_file():
-        return out, name
     shape = MODELS["llama3-8b"]
     if env.smoke:
         from llmclip.plan import ModelShape
 
         shape = ModelShape(128, 2, 4, 2, 256, 49152, tied_embeddings=True)
         MODELS[name] = shape  # so the planner can be asked about the same shape
+    out = work / f"random-{name}"
+    if (out / "config.json").is_file():  # a --workdir reused by a later run
+        return out, name
     tok = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir())
     config = LlamaConfig(
         vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
@@ -98,7 +124,8 @@ def check_stage1(env: Env, work: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     folder, model_name = random_llama_dir(env, work)
     build_s = time.perf_counter() - t0
-    ds_json = "cpu_zero3.json" if env.smoke else "zero3_qlora.json"
+    ds_json = ("cpu_zero3.json" if env.smoke else "zero3_qlora.json") if a.s1_zero == 3 else (
+        "cpu_zero2.json" if env.smoke else "zero2_bf16.json")
     cfg = Stage1Config(
         run=RunConfig(out_dir=str(work / "stage1-run"), tensorboard=False),
         model=ModelConfig(
@@ -165,10 +192,11 @@ def check_stage1(env: Env, work: Path) -> dict[str, Any]:
     env.reset_peak()
     times = timed(env, step, steps=2 if env.smoke else a.s1_steps, warmup=1 if env.smoke else 2)
     step_s = C.median(times)
+    profile = profile_step(env, step) if a.s1_profile else None
     tokens = 3 * b * seq
     gpu_type = env.gpu_type()
     est = plan(PlanInput(model=model_name, stage=1, gpus=1, nodes=1, seq=seq, micro_batch=3 * b,
-                         quant="nf4", lora_r=16, zero_stage=3, grad_ckpt=True,
+                         quant="nf4", lora_r=16, zero_stage=a.s1_zero, grad_ckpt=True,
                          flash_attn=attn_impl == "flash_attention_2", mntp=False,
                          gpu_type=gpu_type))  # fmt: skip
     shape = MODELS[model_name]
@@ -185,11 +213,17 @@ def check_stage1(env: Env, work: Path) -> dict[str, Any]:
           f"peak memory "
           f"{peak:.1f} GiB vs llmclip plan {est['total_gib']:.1f} GiB (x{peak / est['total_gib']:.2f})",
           flush=True)  # fmt: skip
+    if profile:
+        print(f"gpu_check: stage1 profiled step {profile['wall_s']:.2f} s, GPU busy "
+              f"{profile['gpu_busy_s']:.2f} s in {profile['kernel_launches']} kernels; top: "
+              + "; ".join(f"{k['name'][:60]} {k['ms']:.0f} ms" for k in profile["top_kernels"][:6]),
+              flush=True)  # fmt: skip
     return {
         "model": model_name, "params_b": shape.total_params() / 1e9,
         # ZeRO-3 leaves partitioned parameters empty; ds_numel is their real size.
         "trainable_m": sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters()
                            if p.requires_grad) / 1e6,
+        "zero_stage": a.s1_zero, "ds_config": ds_json, "profile": profile,
         "attention": attn_impl, "kernels": kernels, "micro_batch_triples": b, "seq": seq, "tokens_per_step": tokens,
         "checkpoint_build_s": build_s, "load_s": load_s, "load_peak_gib": load_peak,
         "step_s_median": step_s, "step_s": times, "tokens_per_s": tokens / step_s,
