@@ -60,8 +60,16 @@ def profile_step(env: Env, fn) -> dict[str, Any]:
         row[0] += e.device_time_total
         row[1] += 1
     top = sorted(table.items(), key=lambda kv: -kv[1][0])[:25]
+    # Host side: where the CPU thread spends its own time (ops, hooks, runtime calls), and how long
+    # it sat in calls that wait for the GPU (a sync in the step serialises host and device).
+    host = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:25]
+    waits = sum(e.self_cpu_time_total for e in prof.key_averages()
+                if "Synchronize" in e.key or e.key.startswith("cudaMemcpy"))
     return {"wall_s": wall, "gpu_busy_s": busy_us / 1e6, "kernel_launches": len(events),
-            "top_kernels": [{"name": k, "ms": v[0] / 1e3, "calls": v[1]} for k, v in top]}
+            "top_kernels": [{"name": k, "ms": v[0] / 1e3, "calls": v[1]} for k, v in top],
+            "host_wait_for_gpu_s": waits / 1e6,
+            "top_host_ops": [{"name": e.key[:120], "self_ms": e.self_cpu_time_total / 1e3,
+                              "calls": e.count} for e in host]}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -218,6 +226,9 @@ def check_stage1(env: Env, work: Path) -> dict[str, Any]:
               f"{profile['gpu_busy_s']:.2f} s in {profile['kernel_launches']} kernels; top: "
               + "; ".join(f"{k['name'][:60]} {k['ms']:.0f} ms" for k in profile["top_kernels"][:6]),
               flush=True)  # fmt: skip
+        print(f"gpu_check: stage1 host waits for the GPU {profile['host_wait_for_gpu_s']:.2f} s; top "
+              "host ops: " + "; ".join(f"{k['name'][:50]} {k['self_ms']:.0f} ms x{k['calls']}"
+                                       for k in profile["top_host_ops"][:10]), flush=True)
     return {
         "model": model_name, "params_b": shape.total_params() / 1e9,
         # ZeRO-3 leaves partitioned parameters empty; ds_numel is their real size.
