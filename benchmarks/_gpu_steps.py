@@ -133,7 +133,7 @@ def check_stage1(env: Env, work: Path) -> dict[str, Any]:
     folder, model_name = random_llama_dir(env, work)
     build_s = time.perf_counter() - t0
     ds_json = ("cpu_zero3.json" if env.smoke else "zero3_qlora.json") if a.s1_zero == 3 else (
-        "cpu_zero2.json" if env.smoke else "zero2_bf16.json")
+        "cpu_zero2.json" if env.smoke else "zero2_qlora.json")
     cfg = Stage1Config(
         run=RunConfig(out_dir=str(work / "stage1-run"), tensorboard=False),
         model=ModelConfig(

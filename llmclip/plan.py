@@ -74,6 +74,9 @@ MODELS: dict[str, ModelShape] = {
 
 # Dense bf16 peak TFLOP/s of common accelerators, and fp32 GEMM peak of the CPU these tests run on.
 PEAK_TFLOPS = {"h200": 989.0, "h100": 989.0, "a100": 312.0, "l40s": 362.0, "cpu": 0.174}
+# Memory per GPU (GiB, as the driver reports it) for the ZeRO-stage recommendation.
+GPU_MEMORY_GIB = {"h200": 140.0, "h100": 79.6, "a100": 79.2, "l40s": 44.4}
+FIT_FRACTION = 0.85  # the estimate is within ~10% of measured peaks; keep headroom for the rest
 
 
 @dataclass
@@ -161,7 +164,10 @@ def plan_stage1(p: PlanInput) -> dict[str, float]:
     per_param = 4 + 4 + 8 if p.quant == "fp32" else 18
     opt_shard = ranks if p.zero_stage >= 1 else 1
     grad_shard = ranks if p.zero_stage >= 2 else 1
-    states = trainable * (per_param - dtype_b) / opt_shard + trainable * dtype_b / grad_shard
+    # Below ZeRO-3 the 16-bit weights stay whole on every rank; ZeRO-2 partitions the gradients,
+    # ZeRO-1 and -2 the fp32 master and Adam states.
+    states = (trainable * dtype_b + trainable * dtype_b / grad_shard
+              + trainable * (per_param - 2 * dtype_b) / opt_shard)
     if p.zero_stage == 3:
         states = trainable * per_param / ranks
     s, b, h, a = p.seq, p.micro_batch, shape.hidden, shape.heads
@@ -234,6 +240,30 @@ def plan(p: PlanInput) -> dict[str, float]:
     return plan_stage1(p) if p.stage == 1 else plan_stage2(p)
 
 
+def recommend_zero_stage(p: PlanInput) -> tuple[int | None, str]:
+    """The ZeRO stage to run ``p`` with on its GPU type: 2 where the recipe fits under it, else 3.
+
+    ZeRO-2 keeps the (4-bit) base whole on every GPU and partitions only the trainable states, so a
+    step is the model's own forward and backward. ZeRO-3 partitions the base too, and its per-module
+    gather/release hooks cost host time on every forward, recompute and backward: on one H200 the
+    8B QLoRA step at 12K tokens per micro-step ran at 30.5% MFU under ZeRO-3 and 56.8% under ZeRO-2
+    (``benchmarks/results/gpu-check-2026-12-04-nvidia-h200-s1-mb8-z*-profile.json``); at 49K tokens
+    the GPU hides the hooks (59.1% vs 59.6%). ZeRO-3 is for what does not fit: full fine-tuning, or a
+    model whose 4-bit base and activations exceed one GPU. ``(None, reason)`` on the CPU."""
+    mem = GPU_MEMORY_GIB.get(p.gpu_type)
+    if mem is None:
+        return None, f"no GPU memory known for {p.gpu_type!r} (CPU recipes: ZeRO-2 on one node)"
+    budget = FIT_FRACTION * mem
+    from dataclasses import replace
+
+    zero2 = plan(replace(p, zero_stage=2))["total_gib"]
+    if zero2 <= budget:
+        return 2, f"fits under ZeRO-2: {zero2:.1f} of {budget:.0f} GiB ({FIT_FRACTION:.0%} of {mem:.0f})"
+    zero3 = plan(replace(p, zero_stage=3))["total_gib"]
+    verdict = "fits" if zero3 <= budget else "does NOT fit: fewer tokens per micro-step, or more GPUs"
+    return 3, (f"ZeRO-2 needs {zero2:.1f} GiB of {budget:.0f}; ZeRO-3 {zero3:.1f} GiB {verdict}")
+
+
 def deepspeed_zero3_states_gib(p: PlanInput) -> float:
     """DeepSpeed's own ZeRO-3 model-state estimate (no offload) for full fine-tuning, for comparison."""
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
@@ -252,7 +282,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
                   mntp_chunk_mib=args.mntp_chunk_mib)
     terms = plan(p)
     if args.json:
-        print(json.dumps({"input": asdict(p), "estimate": terms}, indent=2))
+        stage, why = recommend_zero_stage(p)
+        print(json.dumps({"input": asdict(p), "estimate": terms,
+                          "recommended_zero_stage": stage, "why": why}, indent=2))
         return 0
     print(f"llmclip plan: {p.model} stage {p.stage}, {p.nodes} node(s) x {p.gpus} GPU(s), "
           f"seq {p.seq}, micro-batch {p.micro_batch}, {p.quant}, LoRA r={p.lora_r}, ZeRO-{p.zero_stage}")
@@ -260,6 +292,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         print(f"  {k:24s} {v:12.3f}")
     if p.stage == 1 and p.lora_r == 0 and p.zero_stage == 3:
         print(f"  deepspeed zero3 states   {deepspeed_zero3_states_gib(p):12.3f}  (DeepSpeed's estimator)")
+    stage, why = recommend_zero_stage(p)
+    if stage is not None:
+        print(f"recommended ZeRO stage: {stage} ({why})")
     return 0
 
 

@@ -9,7 +9,14 @@ import sys
 import pytest
 
 from llmclip.config import ConfigError
-from llmclip.plan import MODELS, ModelShape, PlanInput, deepspeed_zero3_states_gib, plan
+from llmclip.plan import (
+    MODELS,
+    ModelShape,
+    PlanInput,
+    deepspeed_zero3_states_gib,
+    plan,
+    recommend_zero_stage,
+)
 
 # Trains a small Llama for 2 steps (AdamW, LM loss = the MNTP head) and reports the peak RSS growth
 # over the baseline taken after imports and input creation: that growth is what the planner predicts.
@@ -82,6 +89,30 @@ def test_8b_qlora_recipe_fits_and_flash_attention_saves_memory():
     # Partitioning: 4x more ranks shrink the partitioned base weights.
     one_node = plan(PlanInput(**{**base, "nodes": 1}))
     assert with_flash["base_weights_gib"] < one_node["base_weights_gib"]
+
+
+def test_zero2_keeps_16bit_weights_whole_and_is_recommended_where_it_fits():
+    full = dict(model="llama3-8b", gpus=8, quant="bf16", lora_r=0, seq=512, micro_batch=4)
+    n = MODELS["llama3-8b"].total_params()
+    zero2 = plan(PlanInput(**full, zero_stage=2))
+    zero3 = plan(PlanInput(**full, zero_stage=3))
+    # ZeRO-2 partitions grads and optimizer states, never the weights: >= 2 B/param on every rank.
+    assert zero2["trainable_states_gib"] * 2**30 >= 2 * n
+    # ... and ZeRO-3 saves exactly the 7/8 of those weights the other ranks hold.
+    saved = (zero2["trainable_states_gib"] - zero3["trainable_states_gib"]) * 2**30
+    assert saved == pytest.approx(2 * 7 / 8 * n, rel=0.01)
+    # The 8B QLoRA recipe fits one H200 under ZeRO-2 (the faster step there); full bf16 fine-tuning
+    # on one 48 GB card does not (ZeRO-3, and the reason says it still does not fit).
+    stage, why = recommend_zero_stage(PlanInput(model="llama3-8b", gpus=1, micro_batch=48))
+    assert stage == 2 and "fits under ZeRO-2" in why
+    stage, why = recommend_zero_stage(PlanInput(**{**full, "gpus": 1}, gpu_type="l40s"))
+    assert stage == 3 and "does NOT fit" in why
+    # Over 8 such cards it fits under ZeRO-2 at a small micro-batch, and only under ZeRO-3 at a
+    # large one (the activations push ZeRO-2's whole 16-bit weights past the budget).
+    assert recommend_zero_stage(PlanInput(**full, gpu_type="l40s"))[0] == 2
+    stage, why = recommend_zero_stage(PlanInput(**{**full, "micro_batch": 64}, gpu_type="l40s"))
+    assert stage == 3 and why.endswith("fits"), why
+    assert recommend_zero_stage(PlanInput(gpu_type="cpu"))[0] is None
 
 
 def test_bad_plan_inputs_name_the_field():
