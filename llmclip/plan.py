@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from llmclip.config import ConfigError
 
@@ -254,8 +254,6 @@ def recommend_zero_stage(p: PlanInput) -> tuple[int | None, str]:
     if mem is None:
         return None, f"no GPU memory known for {p.gpu_type!r} (CPU recipes: ZeRO-2 on one node)"
     budget = FIT_FRACTION * mem
-    from dataclasses import replace
-
     zero2 = plan(replace(p, zero_stage=2))["total_gib"]
     if zero2 <= budget:
         return 2, f"fits under ZeRO-2: {zero2:.1f} of {budget:.0f} GiB ({FIT_FRACTION:.0%} of {mem:.0f})"
