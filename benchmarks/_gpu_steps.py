@@ -62,8 +62,9 @@ def profile_step(env: Env, fn) -> dict[str, Any]:
     top = sorted(table.items(), key=lambda kv: -kv[1][0])[:25]
     # Host side: where the CPU thread spends its own time (ops, hooks, runtime calls), and how long
     # it sat in calls that wait for the GPU (a sync in the step serialises host and device).
-    host = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:25]
-    waits = sum(e.self_cpu_time_total for e in prof.key_averages()
+    ops = prof.key_averages()
+    host = sorted(ops, key=lambda e: -e.self_cpu_time_total)[:25]
+    waits = sum(e.self_cpu_time_total for e in ops
                 if "Synchronize" in e.key or e.key.startswith("cudaMemcpy"))
     return {"wall_s": wall, "gpu_busy_s": busy_us / 1e6, "kernel_launches": len(events),
             "top_kernels": [{"name": k, "ms": v[0] / 1e3, "calls": v[1]} for k, v in top],
@@ -132,8 +133,8 @@ def check_stage1(env: Env, work: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     folder, model_name = random_llama_dir(env, work)
     build_s = time.perf_counter() - t0
-    ds_json = ("cpu_zero3.json" if env.smoke else "zero3_qlora.json") if a.s1_zero == 3 else (
-        "cpu_zero2.json" if env.smoke else "zero2_qlora.json")
+    ds_json = {(3, True): "cpu_zero3.json", (3, False): "zero3_qlora.json",
+               (2, True): "cpu_zero2.json", (2, False): "zero2_bf16.json"}[a.s1_zero, env.smoke]
     cfg = Stage1Config(
         run=RunConfig(out_dir=str(work / "stage1-run"), tensorboard=False),
         model=ModelConfig(

@@ -61,7 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--s1-steps", type=int, default=6, help="timed steps (after 2 warm-up)")
     p.add_argument("--s1-zero", type=int, choices=(2, 3), default=3,
                    help="ZeRO stage of the stage-1 step (3: ds_configs/zero3_qlora.json; "
-                        "2: ds_configs/zero2_qlora.json, the 7-8B recipes' default)")
+                        "2: ds_configs/zero2_bf16.json, the 7-8B recipes' default)")
     p.add_argument("--s1-profile", action="store_true",
                    help="profile one extra stage-1 step: the top CUDA kernels and GPU busy time")
     p.add_argument("--s2-batch", type=int, default=256)
