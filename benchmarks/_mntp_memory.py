@@ -2,7 +2,14 @@
 against the blanked rows' logits materialised and against logits at every position (llm2vec's way).
 
 Each variant runs in a fresh process (``stage1_step.py --mntp-child VARIANT``), so one variant's
-allocations never hide in another's high-water mark.
+allocations never hide in another's high-water mark. Two peaks per step, both above the step's
+start:
+
+- **tensors**: the most bytes of live tensors at any moment, summed from the profiler's allocation
+  and free events (what ``torch.cuda.max_memory_allocated`` reports on a GPU): what the step needs.
+- **resident**: the process's resident-set high-water mark (the kernel's, exact): what the step
+  costs with glibc's allocator, which keeps freed heap chunks mapped, so its figure carries the
+  fragmentation the step leaves behind as well as its tensors.
 """
 
 from __future__ import annotations
@@ -33,25 +40,33 @@ def mntp_memory(args: argparse.Namespace) -> dict:
         base += ["--precision", args.precision]
     if args.mntp_no_ckpt:
         base += ["--mntp-no-ckpt"]
-    peaks: dict[str, list[float]] = {"chunked": [], "materialised": [], "every-position": []}
+    variants = ("chunked", "materialised", "every-position")
+    peaks: dict[str, list[float]] = {v: [] for v in variants}  # resident (RSS high-water mark)
+    tensors: dict[str, list[float]] = {v: [] for v in variants}
     info = {}
     for _ in range(args.mntp_reps):
-        for variant in peaks:
+        for variant in variants:
             out = subprocess.run([*base, "--mntp-child", variant], check=True, text=True,
                                  capture_output=True, cwd=C.REPO).stdout
             rec = json.loads(out.strip().splitlines()[-1])
             peaks[variant].append(rec.pop("step_peak_mib"))
+            tensors[variant].append(rec.pop("tensor_peak_mib"))
             info = rec  # vocab, blanked rows, precision: the same in every child
-    chunk, full = C.median(peaks["chunked"]), C.median(peaks["materialised"])
-    every = C.median(peaks["every-position"])
     ckpt = "without" if args.mntp_no_ckpt else "with"
     print(f"MNTP step, {args.mntp_reports} reports, vocab {info['vocab']}, {info['rows']} blanked "
-          f"tokens ({info['precision']}, {ckpt} gradient checkpointing): peak memory above the step's start, median of "
-          f"{args.mntp_reps} fresh processes: chunked {chunk:.0f} MiB vs materialised logits "
-          f"{full:.0f} MiB = {chunk / full:.2f} [target <= 0.50: {'met' if chunk <= full / 2 else 'NOT met'}]")
-    print(f"  vs logits at every position, as llm2vec's MNTP computes them ({every:.0f} MiB): "
-          f"{chunk / every:.2f} [target <= 0.50: {'met' if chunk <= every / 2 else 'NOT met'}]")
-    return {"step_peak_mib": peaks, "ratio": chunk / full, "ratio_every_position": chunk / every,
+          f"tokens ({info['precision']}, {ckpt} gradient checkpointing): peak memory above the "
+          f"step's start, median of {args.mntp_reps} fresh processes [target <= 0.50]")
+    ratios = {}
+    for name, got in (("tensors", tensors), ("resident", peaks)):
+        chunk, full, every = (C.median(got[v]) for v in variants)
+        ratios[name] = {"materialised": chunk / full, "every_position": chunk / every}
+        print(f"  {name:<8} chunked {chunk:5.0f} MiB vs materialised logits {full:5.0f} MiB = "
+              f"{chunk / full:.2f} [{'met' if chunk <= full / 2 else 'NOT met'}]; vs logits at every "
+              f"position as llm2vec computes them ({every:.0f} MiB) {chunk / every:.2f}")
+    return {"step_peak_mib": peaks, "tensor_peak_mib": tensors, "ratios": ratios,
+            "ratio": ratios["tensors"]["materialised"],
+            "ratio_resident": ratios["resident"]["materialised"],
+            "ratio_every_position": ratios["tensors"]["every_position"],
             "checkpointing": ckpt == "with", **info}
 
 
@@ -60,6 +75,22 @@ def _proc_status_kib(key: str) -> int:
         if line.startswith(key + ":"):
             return int(line.split()[1])
     raise RuntimeError(f"/proc/self/status has no {key}")
+
+
+def tensor_peak_mib(step) -> float:
+    """The most MiB of live tensors above the start while ``step()`` runs, from the profiler's
+    allocation (+) and free (-) events in time order: independent of the allocator's caching."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak / 2**20
 
 
 def every_position_loss(module, buckets: dict) -> torch.Tensor:
@@ -108,15 +139,23 @@ def mntp_child(args: argparse.Namespace) -> int:
         warm["loss"].backward()
         del warm
         b = make_batch("mntp", metas, enc, cfg.stage1, 0, blank, 0)
+
+        def run() -> None:
+            if args.mntp_child == "every-position":
+                every_position_loss(step.module, b["buckets"]).backward()
+            else:
+                step.module(**b)["loss"].backward()
+
         gc.collect()
         # The kernel's own high-water mark, reset here (Linux: clear_refs 5): exact, no sampling.
         Path("/proc/self/clear_refs").write_text("5", encoding="utf-8")
         start = _proc_status_kib("VmRSS")
-        if args.mntp_child == "every-position":
-            every_position_loss(step.module, b["buckets"]).backward()
-        else:
-            step.module(**b)["loss"].backward()
+        run()
         peak = _proc_status_kib("VmHWM")
-    print(json.dumps({"step_peak_mib": (peak - start) / 1024, "vocab": enc.lm_head.weight.shape[0],
+        step.module.zero_grad(set_to_none=True)
+        gc.collect()
+        tensors = tensor_peak_mib(run)  # the same step once more, its tensors counted
+    print(json.dumps({"step_peak_mib": (peak - start) / 1024, "tensor_peak_mib": tensors,
+                      "vocab": enc.lm_head.weight.shape[0],
                       "rows": sum(int((x != -100).sum()) for x in b["buckets"]["labels"]), "precision": precision(cfg.deepspeed)}))
     return 0

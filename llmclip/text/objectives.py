@@ -113,7 +113,7 @@ def _checkpointed_chunks(hidden: torch.Tensor, lm_head: torch.nn.Module, target:
 
 
 def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
-                                 chunk_rows: int) -> torch.Tensor:
+                                 chunk_rows: int, vocab_block: int | None = None) -> torch.Tensor:
     """``F.cross_entropy(hidden @ weight.T, target)`` (mean) without ever holding all the logits.
 
     hidden [N, D], weight [V, D] (an LM head without bias), target [N]. Rows are processed
@@ -122,45 +122,75 @@ def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, tar
     own size instead of the [N, V] logits and their softmax, so peak memory no longer grows with the
     vocabulary (at 49K-128K vocabularies the logits are the largest tensor of an MNTP step). This is
     the CPU/any-device path; on CUDA with liger-kernel the fused Triton version does the same.
+
+    Within a chunk the head is applied ``vocab_block`` rows of ``weight`` at a time (default: a
+    block with a quarter of the chunk's logits elements), straight into one fp32 logits buffer that the softmax then
+    overwrites in place. Under autocast that casts a block of the head, not all of it, per matmul:
+    a whole bf16 copy of a 49K x 576 head is 54 MiB, a 128K x 4096 one 1 GiB, more than the chunk.
     """
-    return _ChunkedLinearCE.apply(hidden, weight, target, chunk_rows, torch.is_grad_enabled())
+    if vocab_block is None:
+        vocab_block = max(1, chunk_rows * weight.shape[0] // max(1, weight.shape[1]) // 4)
+    return _ChunkedLinearCE.apply(hidden, weight, target, chunk_rows, vocab_block,
+                                  torch.is_grad_enabled())
+
+
+def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """What ``hidden @ weight.T`` would compute in here: the autocast dtype when autocast is on."""
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return torch.promote_types(hidden.dtype, weight.dtype)
 
 
 class _ChunkedLinearCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
-                chunk_rows: int, grad_enabled: bool) -> torch.Tensor:
-        n = hidden.shape[0]
+                chunk_rows: int, vocab_block: int, grad_enabled: bool) -> torch.Tensor:
+        n, vocab = hidden.shape[0], weight.shape[0]
         # (grad mode is off inside forward; the caller's mode says whether a backward can follow)
         want_h = grad_enabled and ctx.needs_input_grad[0]
         want_w = grad_enabled and ctx.needs_input_grad[1]
+        cdt = _compute_dtype(hidden, weight)
+        acc = torch.promote_types(cdt, torch.float32)  # logits / softmax precision: fp32 at least
+        blocks = [(v, min(v + vocab_block, vocab)) for v in range(0, vocab, vocab_block)]
         grad_h = torch.empty_like(hidden) if want_h else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_w else None
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for s in range(0, n, chunk_rows):
-            h, t = hidden[s:s + chunk_rows], target[s:s + chunk_rows]
-            logits = (h @ weight.t()).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
-            if want_h or want_w:
-                # d(mean CE)/d(logits) = (softmax - onehot) / N, computed in place over the chunk
-                p = logits.sub_(lse[:, None]).exp_()
-                p[torch.arange(p.shape[0], device=p.device), t] -= 1.0
-                p.div_(max(n, 1))
-                if want_h:
-                    grad_h[s:s + chunk_rows] = (p.to(weight.dtype) @ weight).to(hidden.dtype)
-                if want_w:
-                    grad_w.addmm_(p.t(), h.float())
+        total = torch.zeros((), dtype=acc, device=hidden.device)
+        with torch.autocast(hidden.device.type, enabled=False):  # the casts below are explicit
+            hc = hidden.to(cdt)
+            for s in range(0, n, chunk_rows):
+                h, t = hc[s:s + chunk_rows], target[s:s + chunk_rows]
+                logits = torch.empty((h.shape[0], vocab), dtype=acc, device=h.device)
+                for a, b in blocks:
+                    logits[:, a:b] = h @ weight[a:b].to(cdt).t()
+                picked = logits.gather(1, t[:, None]).squeeze(1)
+                top = logits.amax(1, keepdim=True)
+                expsum = logits.sub_(top).exp_().sum(1, keepdim=True)  # logits now hold exp(l - max)
+                total += (top.squeeze(1) + expsum.squeeze(1).log() - picked).sum()
+                if want_h or want_w:
+                    # d(mean CE)/d(logits) = (softmax - onehot) / N, in place over the chunk
+                    p = logits.div_(expsum)
+                    p[torch.arange(p.shape[0], device=p.device), t] -= 1.0
+                    p.div_(max(n, 1))
+                    gh = torch.zeros_like(h, dtype=acc) if want_h else None
+                    for a, b in blocks:
+                        w = weight[a:b].to(cdt)
+                        if want_h:
+                            gh += p[:, a:b].to(cdt) @ w
+                        if want_w:
+                            grad_w[a:b].addmm_(p[:, a:b].t().to(grad_w.dtype), h.to(grad_w.dtype))
+                    if want_h:
+                        grad_h[s:s + chunk_rows] = gh.to(hidden.dtype)
         ctx.save_for_backward(grad_h if want_h else None, grad_w if want_w else None)
         ctx.weight_dtype = weight.dtype
-        return total / max(n, 1)
+        return (total / max(n, 1)).float()
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         grad_h, grad_w = ctx.saved_tensors
         gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
         gw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
-        return gh, gw, None, None, None
+        return gh, gw, None, None, None, None
 
 
 def contrastive_loss(query: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor,

@@ -112,9 +112,10 @@ def test_mntp_loss_predicts_token_from_previous_position():
     torch.testing.assert_close(loss, expected)
 
 
-@pytest.mark.parametrize("chunk_rows", [1, 7, 64, 1000])
-def test_chunked_cross_entropy_equals_materialised_logits(chunk_rows):
-    """Loss and both gradients equal the plain [N, V] logits path, for any chunking."""
+@pytest.mark.parametrize(("chunk_rows", "vocab_block"), [(1, None), (7, 1), (64, 100), (1000, None),
+                                                         (1000, 997), (150, 5000)])
+def test_chunked_cross_entropy_equals_materialised_logits(chunk_rows, vocab_block):
+    """Loss and both gradients equal the plain [N, V] logits path, for any row and head blocking."""
     g = torch.Generator().manual_seed(0)
     n, d, vocab = 150, 24, 997
     h = torch.randn(n, d, generator=g, dtype=torch.float64, requires_grad=True)
@@ -122,12 +123,32 @@ def test_chunked_cross_entropy_equals_materialised_logits(chunk_rows):
     t = torch.randint(0, vocab, (n,), generator=g)
     ref = torch.nn.functional.cross_entropy(h @ w.t(), t)
     gh_ref, gw_ref = torch.autograd.grad(ref * 3.0, (h, w))
-    out = chunked_linear_cross_entropy(h, w, t, chunk_rows)
+    out = chunked_linear_cross_entropy(h, w, t, chunk_rows, vocab_block)
     gh, gw = torch.autograd.grad(out * 3.0, (h, w))  # a non-unit upstream gradient is applied
     torch.testing.assert_close(out, ref.float(), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(gh, gh_ref)
     torch.testing.assert_close(gw, gw_ref.to(gw.dtype))
     assert not torch.allclose(gh, torch.zeros_like(gh))
+
+
+def test_chunked_cross_entropy_under_bf16_autocast_matches_plain():
+    """Under CPU bf16 autocast the head blocks are cast per block; loss and input gradient agree with
+    the plain autocast path (bf16 logits) to bf16 precision, and the result is not the fp32 one's
+    exact copy (autocast is really applied)."""
+    g = torch.Generator().manual_seed(2)
+    h = torch.randn(90, 32, generator=g, requires_grad=True)
+    w = torch.randn(1500, 32, generator=g) * 0.3
+    t = torch.randint(0, 1500, (90,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = torch.nn.functional.cross_entropy((h @ w.t()).float(), t)
+        out = chunked_linear_cross_entropy(h, w, t, 16, 64)
+    (g_ref,) = torch.autograd.grad(ref, h)
+    (g_out,) = torch.autograd.grad(out, h)
+    assert out.dtype == torch.float32 and g_out.dtype == h.dtype
+    torch.testing.assert_close(out, ref, rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(g_out, g_ref, rtol=3e-2, atol=2e-4)
+    exact = chunked_linear_cross_entropy(h, w, t, 16, 64)
+    assert not torch.equal(out.detach(), exact.detach())
 
 
 def test_mntp_loss_chunked_matches_plain_with_a_frozen_head():
