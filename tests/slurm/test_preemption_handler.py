@@ -8,6 +8,7 @@ import signal
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from llmclip.distributed import exit_process
 from llmclip.preemption import PREEMPTED_EXIT_CODE, PreemptionHandler
 
 
@@ -35,7 +36,7 @@ def _rank(rank: int, port: int, out: dict) -> None:
         seen.append(handler.requested())
     out[rank] = seen
     handler.close()
-    dist.destroy_process_group()
+    exit_process(0)  # tears the group down and skips finalisation (llmclip.distributed)
 
 
 def test_one_rank_signalled_stops_all_ranks_at_the_same_step() -> None:

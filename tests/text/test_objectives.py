@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from llmclip.distributed import free_port
+from llmclip.distributed import exit_process, free_port
 from llmclip.text.objectives import (
     IGNORE,
     chunked_linear_cross_entropy,
@@ -51,8 +51,10 @@ def _worker(rank: int, port: int, out: dict) -> None:
         rows, negs = slice(rank * B, (rank + 1) * B), slice(rank * B * H, (rank + 1) * B * H)
         res = _loss_and_grads(q[rows], pos[rows], neg[negs], valid[negs], pos_ids[rows], neg_ids[negs])
         out[rank] = [t.clone() for t in res]
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    exit_process(0)  # tears the group down and skips finalisation (llmclip.distributed)
 
 
 def test_two_rank_gathered_loss_equals_one_rank_loss():
