@@ -123,13 +123,17 @@ def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, tar
     vocabulary (at 49K-128K vocabularies the logits are the largest tensor of an MNTP step). This is
     the CPU/any-device path; on CUDA with liger-kernel the fused Triton version does the same.
 
-    Within a chunk the head is applied ``vocab_block`` rows of ``weight`` at a time (default: a
-    block with a quarter of the chunk's logits elements), straight into one fp32 logits buffer that the softmax then
-    overwrites in place. Under autocast that casts a block of the head, not all of it, per matmul:
-    a whole bf16 copy of a 49K x 576 head is 54 MiB, a 128K x 4096 one 1 GiB, more than the chunk.
+    Within a chunk the head is applied ``vocab_block`` rows of ``weight`` at a time, straight into
+    one fp32 logits buffer that the softmax then overwrites in place. By default the whole head is
+    one block when it is already in the compute dtype (no copy is made), and under autocast a block
+    with a quarter of the chunk's logits elements: each matmul then casts a block of the head, not
+    all of it (a whole bf16 copy of a 49K x 576 head is 54 MiB, of a 128K x 4096 one 1 GiB, more
+    than the chunk).
     """
     if vocab_block is None:
-        vocab_block = max(1, chunk_rows * weight.shape[0] // max(1, weight.shape[1]) // 4)
+        vocab_block = weight.shape[0]
+        if _compute_dtype(hidden, weight) != weight.dtype:
+            vocab_block = max(1, chunk_rows * weight.shape[0] // max(1, weight.shape[1]) // 4)
     return _ChunkedLinearCE.apply(hidden, weight, target, chunk_rows, vocab_block,
                                   torch.is_grad_enabled())
 
