@@ -130,9 +130,26 @@ def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """
     if world_size() == 1:
         return x
-    from torch.distributed.nn.functional import all_gather
+    return _AllGatherWithGrad.apply(x)
 
-    return torch.cat(all_gather(x.contiguous()), dim=0)
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """Forward: every rank's rows, in rank order. Backward: this rank's rows of the gradient summed
+    over ranks, since each rank's loss reads every rank's rows (what a reduce-scatter gives; an
+    all-reduce then a slice here, which gloo supports too, on tensors of embedding size)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.rows = x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[rank() * ctx.rows:(rank() + 1) * ctx.rows]
 
 
 def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
