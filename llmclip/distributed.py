@@ -106,12 +106,13 @@ def exit_process(rc: int) -> None:
         sys.exit(rc)
     try:
         dist.destroy_process_group()
-    finally:
-        atexit._run_exitfuncs()  # what a normal exit runs first: shm cleanup, logging, tensorboard
-        logging.shutdown()
-        for stream in (sys.stdout, sys.stderr):
-            stream.flush()
-        os._exit(rc)
+    except Exception as e:  # noqa: BLE001 - the work is done; say so, keep its exit code
+        print(f"llmclip: process group teardown failed: {type(e).__name__}: {e}", file=sys.stderr)
+    atexit._run_exitfuncs()  # what a normal exit runs first: shm cleanup, logging, tensorboard
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(rc)
 
 
 def world_size() -> int:
