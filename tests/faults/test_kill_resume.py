@@ -142,7 +142,7 @@ def _check_final(run_dir, reference) -> None:
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in b), f.name
 
 
-def _train_chain(tmp_path, recipe, reference, seed_base) -> None:
+def _train_chain(tmp_path, recipe, reference, seed_base, max_delay: float = 1.5) -> None:
     cfg = write_config(tmp_path / "cfg.yaml", recipe)
     out = tmp_path / "run"
     cmd = [PYTHON, str(TRAIN), "--config", str(cfg)]
@@ -154,8 +154,9 @@ def _train_chain(tmp_path, recipe, reference, seed_base) -> None:
             return
         _check_final(out, reference)  # the kill came after the end: it must be the finished run
 
-    landed = _kill_chain(cmd, rank_env(), log, lambda: count_lines(out / "metrics.jsonl"), 2, 1.5, check,
-                         seed_base)
+    landed = _kill_chain(cmd, rank_env(), log, lambda: count_lines(out / "metrics.jsonl"), 2, max_delay,
+                         check, seed_base)
+    print(f"kills that landed before the run ended: {landed}")
     assert landed >= 1, log.read_text()[-3000:]
     assert run(cmd, log, rank_env(), timeout=600) == 0, log.read_text()[-3000:]
     _check_checkpoints(out, reference)
@@ -171,4 +172,7 @@ def test_stage1_killed_at_random_points(stage1_reference, openi_shards, tmp_path
 
 def test_stage2_killed_at_random_points(stage2_reference, openi_shards, stage2_cache, tiny_encoder_dir, tmp_path):
     recipe = stage2_recipe(tmp_path / "run", openi_shards, stage2_cache, tiny_encoder_dir, save_every=2)
-    _train_chain(tmp_path, recipe, stage2_reference, 400)
+    # The tiny stage-2 run logs a step every ~25 ms and exits right after its final export (ranks
+    # skip interpreter finalisation, llmclip.distributed.exit_process): a kill must come within a
+    # few steps of the trigger to land before the end.
+    _train_chain(tmp_path, recipe, stage2_reference, 400, max_delay=0.05)
