@@ -59,7 +59,13 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The ``llmclip`` command's entry point: ``main`` and its exit code, through
+    ``llmclip.distributed.exit_process`` (a rank of ``cache build`` under torchrun holds a group)."""
     from llmclip.distributed import exit_process
 
     exit_process(main())
+
+
+if __name__ == "__main__":
+    run()

@@ -177,12 +177,12 @@ class _ChunkedLinearCE(torch.autograd.Function):
                     p[torch.arange(p.shape[0], device=p.device), t] -= 1.0
                     p.div_(max(n, 1))
                     gh = torch.zeros_like(h, dtype=acc) if want_h else None
+                    h32 = h.to(grad_w.dtype) if want_w else None
                     for a, b in blocks:
-                        w = weight[a:b].to(cdt)
                         if want_h:
-                            gh += p[:, a:b].to(cdt) @ w
+                            gh += p[:, a:b].to(cdt) @ weight[a:b].to(cdt)
                         if want_w:
-                            grad_w[a:b].addmm_(p[:, a:b].t().to(grad_w.dtype), h.to(grad_w.dtype))
+                            grad_w[a:b].addmm_(p[:, a:b].t().to(grad_w.dtype), h32)
                     if want_h:
                         grad_h[s:s + chunk_rows] = gh.to(hidden.dtype)
         ctx.save_for_backward(grad_h if want_h else None, grad_w if want_w else None)

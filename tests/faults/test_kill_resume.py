@@ -156,7 +156,6 @@ def _train_chain(tmp_path, recipe, reference, seed_base, max_delay: float = 1.5)
 
     landed = _kill_chain(cmd, rank_env(), log, lambda: count_lines(out / "metrics.jsonl"), 2, max_delay,
                          check, seed_base)
-    print(f"kills that landed before the run ended: {landed}")
     assert landed >= 1, log.read_text()[-3000:]
     assert run(cmd, log, rank_env(), timeout=600) == 0, log.read_text()[-3000:]
     _check_checkpoints(out, reference)
