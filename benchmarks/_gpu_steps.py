@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -122,6 +123,7 @@ def check_stage1(env: Env, work: Path) -> dict[str, Any]:
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     from llmclip.config import DeepSpeedSection, OptimConfig, RunConfig, lr_factor
+    from llmclip.ds_config import mark_zero3_leaves
     from llmclip.plan import MODELS, PEAK_TFLOPS, PlanInput, plan
     from llmclip.text.kernels import attention_backends, kernels_of, liger_status
     from llmclip.text.model_config import LoraSection, ModelConfig
@@ -148,6 +150,8 @@ def check_stage1(env: Env, work: Path) -> dict[str, Any]:
     )  # fmt: skip
     C.single_rank_env()
     ds_config = deepspeed_config(cfg, 1)
+    zero_opts = json.loads(a.s1_zero_opts) if a.s1_zero_opts else {}
+    ds_config["zero_optimization"].update(zero_opts)
     hf_ds = HfDeepSpeedConfig(ds_config)  # noqa: F841  (alive while loading, as stage1.run does)
     env.reset_peak()
     t0 = time.perf_counter()
@@ -155,6 +159,7 @@ def check_stage1(env: Env, work: Path) -> dict[str, Any]:
 
     enc = LLMEncoder.build(cfg.model, torch.bfloat16 if not env.smoke else torch.float32)
     module = Stage1Module(enc, cfg.stage1)
+    leaves = mark_zero3_leaves(module, a.s1_zero3_leaf) if a.s1_zero == 3 else 0
     opt = torch.optim.AdamW(param_groups(module, cfg.optim.weight_decay), lr=cfg.optim.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.optim))
     engine, _, _, _ = deepspeed.initialize(
@@ -235,7 +240,9 @@ def check_stage1(env: Env, work: Path) -> dict[str, Any]:
         # ZeRO-3 leaves partitioned parameters empty; ds_numel is their real size.
         "trainable_m": sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters()
                            if p.requires_grad) / 1e6,
-        "zero_stage": a.s1_zero, "ds_config": ds_json, "profile": profile,
+        "zero_stage": a.s1_zero, "ds_config": ds_json, "zero_overrides": zero_opts,
+        "zero3_leaf": a.s1_zero3_leaf if a.s1_zero == 3 else "n/a", "zero3_leaf_modules": leaves,
+        "profile": profile,
         "attention": attn_impl, "kernels": kernels, "micro_batch_triples": b, "seq": seq, "tokens_per_step": tokens,
         "checkpoint_build_s": build_s, "load_s": load_s, "load_peak_gib": load_peak,
         "step_s_median": step_s, "step_s": times, "tokens_per_s": tokens / step_s,

@@ -62,6 +62,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--s1-zero", type=int, choices=(2, 3), default=3,
                    help="ZeRO stage of the stage-1 step (3: ds_configs/zero3_qlora.json; "
                         "2: ds_configs/zero2_bf16.json, the 7-8B recipes' default)")
+    p.add_argument("--s1-zero-opts", default="",
+                   help='JSON merged into the stage-1 zero_optimization section, e.g. '
+                        '\'{"stage3_param_persistence_threshold": 262144}\' (recorded in the JSON)')
+    p.add_argument("--s1-zero3-leaf", choices=("lora", "none"), default="lora",
+                   help="ZeRO-3 fetch unit (deepspeed.zero3_leaf; the check's micro-step is one "
+                        "forward): lora = each LoRA linear whole, none = DeepSpeed's per-module hooks")
     p.add_argument("--s1-profile", action="store_true",
                    help="profile one extra stage-1 step: the top CUDA kernels and GPU busy time")
     p.add_argument("--s2-batch", type=int, default=256)

@@ -55,6 +55,26 @@ def deepspeed_config(cfg: Stage1Config, world_size: int) -> dict[str, Any]:
     )
 
 
+def zero3_leaf_mode(cfg: Stage1Config, zero3: bool) -> str:
+    """``deepspeed.zero3_leaf`` resolved for this run (see ``llmclip.ds_config.mark_zero3_leaves``).
+
+    DeepSpeed reduces a leaf module's gradients once per *call* of it, so leaves need one decoder
+    forward per micro-step (``stage1.length_buckets: 1``); with more buckets ``auto`` keeps
+    per-module hooks, trading hook overhead for bucketing's saved padding.
+    """
+    mode = cfg.deepspeed.zero3_leaf
+    if not zero3:
+        return "none"
+    if mode == "auto":
+        return "lora" if cfg.stage1.length_buckets == 1 else "none"
+    if mode == "lora" and cfg.stage1.length_buckets > 1:
+        raise ConfigError(
+            f"ZeRO-3 leaf modules need one forward per micro-step, but stage1.length_buckets is "
+            f"{cfg.stage1.length_buckets}: DeepSpeed would reduce a leaf's gradients once per bucket; "
+            "set stage1.length_buckets: 1 or deepspeed.zero3_leaf: auto|none", "deepspeed.zero3_leaf")
+    return mode
+
+
 def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Decay matrices; never biases, norms, latents or 1-D parameters."""
     decay, no_decay = [], []
@@ -187,6 +207,7 @@ def run(cfg: Stage1Config) -> int:
 
     from llmclip.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
     from llmclip.distributed import all_gather_no_grad, barrier, init_distributed
+    from llmclip.ds_config import mark_zero3_leaves
     from llmclip.faults import inject_nonfinite
     from llmclip.preemption import PREEMPTED_EXIT_CODE, PreemptionHandler
     from llmclip.text.export import export_final
@@ -213,6 +234,7 @@ def run(cfg: Stage1Config) -> int:
     barrier()
 
     zero3 = ds_config.get("zero_optimization", {}).get("stage", 0) == 3
+    leaf_mode = zero3_leaf_mode(cfg, zero3)  # a bad combination fails before the model is built
     hf_ds = None
     if zero3:
         from transformers.integrations import HfDeepSpeedConfig
@@ -224,8 +246,9 @@ def run(cfg: Stage1Config) -> int:
     module = Stage1Module(encoder, cfg.stage1, autocast=mode == "bf16-autocast",
                           autocast_attention=cfg.deepspeed.autocast_attention)
     n_train = sum(p.numel() for p in module.parameters() if p.requires_grad)
-    log.info("trainable parameters: %d; precision %s; ZeRO stage %s; world %d", n_train,
-             mode, ds_config["zero_optimization"].get("stage"), env.world_size)
+    leaves = mark_zero3_leaves(module, leaf_mode)
+    log.info("trainable parameters: %d; precision %s; ZeRO stage %s (%d leaf modules); world %d",
+             n_train, mode, ds_config["zero_optimization"].get("stage"), leaves, env.world_size)
     optimizer = torch.optim.AdamW(param_groups(module, cfg.optim.weight_decay), lr=cfg.optim.lr,
                                   betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.optim))

@@ -144,6 +144,44 @@ def test_calibrated_latent_pooler_trains_past_checkpoints(openi_shards, tmp_path
     assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{proc.master_port}_*"))
 
 
+def test_zero3_lora_leaves_train_like_per_module_hooks(openi_shards, tmp_path):
+    """ZeRO-3 with every weight partitioned (persistence 0), one bucket per micro-step, no
+    checkpointing (layer 0's inputs need no gradient: where DeepSpeed's leaf gradient hook fired
+    before the adapters' gradients existed): LoRA linears fetched as leaf modules train to exactly
+    the losses of DeepSpeed's per-module hooks, MNTP and contrastive steps alike."""
+    ds = json.loads((REPO / "ds_configs" / "cpu_zero3.json").read_text())
+    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    ds_path = tmp_path / "zero3_partitioned.json"
+    ds_path.write_text(json.dumps(ds))
+    losses = {}
+    for leaf in ("lora", "none"):
+        out, log = tmp_path / leaf, tmp_path / f"{leaf}.txt"
+        proc = _launch(out, openi_shards, log, "--set", f"deepspeed.config={ds_path}",
+                       "--set", "stage1.length_buckets=1", "--set", f"deepspeed.zero3_leaf={leaf}")
+        _finish(proc, log)
+        marked = 14 if leaf == "lora" else 0  # 2 layers x 7 LoRA linears
+        assert f"ZeRO stage 3 ({marked} leaf modules)" in log.read_text(errors="replace")
+        losses[leaf] = [r["loss"] for r in _metrics(out)]
+    assert len(losses["lora"]) == STEPS and losses["lora"] == losses["none"]
+
+
+def test_zero3_leaf_mode():
+    from llmclip.config import ConfigError, load_config
+    from llmclip.text.stage1 import zero3_leaf_mode
+    from llmclip.text.stage1_config import Stage1Config
+
+    cfg = load_config(Stage1Config, TINY)
+    cfg.stage1.length_buckets = 1
+    assert zero3_leaf_mode(cfg, zero3=True) == "lora" and zero3_leaf_mode(cfg, zero3=False) == "none"
+    cfg.stage1.length_buckets = 3
+    assert zero3_leaf_mode(cfg, zero3=True) == "none"  # auto: buckets keep per-module hooks
+    cfg.deepspeed.zero3_leaf = "lora"
+    with pytest.raises(ConfigError, match="length_buckets") as e:
+        zero3_leaf_mode(cfg, zero3=True)
+    assert "deepspeed.zero3_leaf" in str(e.value)
+    assert zero3_leaf_mode(cfg, zero3=False) == "none"
+
+
 def test_recipes_validate():
     from llmclip.config import load_config
     from llmclip.text.stage1_config import Stage1Config
