@@ -84,11 +84,10 @@ def mark_zero3_leaves(module: Any, mode: str) -> int:
     ZeRO-3 puts fetch/release and backward hooks on every submodule, and a peft LoRA linear is five
     of them (wrapper, frozen base, dropout, A, B): on an 8B QLoRA step of 12K tokens that host-side
     bookkeeping, not the GPU, set the pace. Marked leaves gather their whole subtree at their own
-    forward, release it after, and their children get no hooks. On one H200 (benchmarks/README.md):
-    35.5% MFU without, 47.3% with leaves, 51.5-52.7% adding ``zero3_qlora.json``'s resident adapters
-    (39.3% on a second machine: a host-bound step runs at its host's pace). DeepSpeed reduces a
-    leaf's gradients once per call, hence one forward per micro-step (``zero3_leaf_mode``). ``none``
-    keeps per-module hooks. A no-op where nothing is LoRA (stage 2's vision tower).
+    forward, release it after, and their children get no hooks (the H200 figures are in the README's
+    "Measured figures"). DeepSpeed reduces a leaf's gradients once per call, hence one forward per
+    micro-step (``zero3_leaf_mode``). ``none`` keeps per-module hooks. A no-op where nothing is LoRA
+    (stage 2's vision tower).
     """
     if mode == "none":
         return 0
