@@ -65,9 +65,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--s1-zero-opts", default="",
                    help='JSON merged into the stage-1 zero_optimization section, e.g. '
                         '\'{"stage3_param_persistence_threshold": 262144}\' (recorded in the JSON)')
-    p.add_argument("--s1-zero3-leaf", choices=("lora", "none"), default="lora",
+    p.add_argument("--s1-zero3-leaf", choices=("layer", "lora", "none"), default="layer",
                    help="ZeRO-3 fetch unit (deepspeed.zero3_leaf; the check's micro-step is one "
-                        "forward): lora = each LoRA linear whole, none = DeepSpeed's per-module hooks")
+                        "forward, where auto = layer): layer = each decoder layer, lora = each LoRA "
+                        "linear, none = DeepSpeed's per-module hooks")
     p.add_argument("--s1-profile", action="store_true",
                    help="profile one extra stage-1 step: the top CUDA kernels and GPU busy time")
     p.add_argument("--s2-batch", type=int, default=256)

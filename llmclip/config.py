@@ -360,8 +360,8 @@ class DeepSpeedSection:
     """``auto`` = bf16 on CUDA; on a CPU with AMX or AVX512-BF16 bf16-autocast, else fp32."""
     autocast_attention: Literal["fp32", "bf16"] = "fp32"
     """Attention kernel's precision under bf16-autocast on a CPU (fp32: faster there, see text/attention.py)."""
-    zero3_leaf: Literal["auto", "lora", "none"] = "auto"
-    """Stage 1 ZeRO-3 fetch unit: ``lora`` = each LoRA linear whole, ``none`` = every module, ``auto`` = lora at length_buckets 1."""
+    zero3_leaf: Literal["auto", "lora", "layer", "none"] = "auto"
+    """Stage 1 ZeRO-3 fetch unit: ``layer`` = each decoder layer, ``lora`` = each LoRA linear, ``none`` = every module, ``auto`` = layer at length_buckets 1."""
 
     def validate(self) -> None:
         if not self.config:
@@ -375,8 +375,8 @@ class DeepSpeedSection:
             raise ConfigError("must be >= 1", "grad_accum")
         if self.autocast_attention not in ("fp32", "bf16"):
             raise ConfigError(f"must be fp32 or bf16, got {self.autocast_attention!r}", "autocast_attention")
-        if self.zero3_leaf not in ("auto", "lora", "none"):
-            raise ConfigError(f"must be auto, lora or none, got {self.zero3_leaf!r}", "zero3_leaf")
+        if self.zero3_leaf not in ("auto", "lora", "layer", "none"):
+            raise ConfigError(f"must be auto, lora, layer or none, got {self.zero3_leaf!r}", "zero3_leaf")
         if self.precision not in ("auto", "bf16", "fp32", "bf16-autocast"):
             raise ConfigError(f"must be auto, bf16, fp32 or bf16-autocast, got {self.precision!r}",
                               "precision")

@@ -79,18 +79,23 @@ def build_deepspeed_config(
 
 
 def mark_zero3_leaves(module: Any, mode: str) -> int:
-    """Make each LoRA-wrapped linear one ZeRO-3 fetch unit; returns how many were marked.
+    """Make each LoRA-wrapped linear (``lora``) or each decoder layer (``layer``) one ZeRO-3 fetch
+    unit; returns how many modules were marked.
 
     ZeRO-3 puts fetch/release and backward hooks on every submodule, and a peft LoRA linear is five
     of them (wrapper, frozen base, dropout, A, B): on an 8B QLoRA step of 12K tokens that host-side
     bookkeeping, not the GPU, set the pace. Marked leaves gather their whole subtree at their own
     forward, release it after, and their children get no hooks (the H200 figures are in the README's
-    "Measured figures"). DeepSpeed reduces a leaf's gradients once per call, hence one forward per
-    micro-step (``zero3_leaf_mode``). ``none`` keeps per-module hooks. A no-op where nothing is LoRA
-    (stage 2's vision tower).
+    "Measured figures"). ``layer`` is FSDP's usual unit, the transformer block (the classes the model
+    names in ``_no_split_modules``): one fetch per layer and call instead of one per linear, at the
+    cost of holding a whole layer's weights at once. DeepSpeed reduces a leaf's gradients once per
+    call, hence one forward per micro-step (``zero3_leaf_mode``). ``none`` keeps per-module hooks.
+    A no-op where nothing is LoRA (stage 2's vision tower).
     """
     if mode == "none":
         return 0
+    if mode not in ("lora", "layer"):
+        raise ValueError(f"zero3_leaf mode must be lora, layer or none, got {mode!r}")
     from deepspeed.utils import set_z3_leaf_modules
     from peft.tuners.lora import LoraLayer
     from transformers import PreTrainedModel
@@ -104,4 +109,11 @@ def mark_zero3_leaves(module: Any, mode: str) -> int:
     lm = next(m for m in module.modules() if isinstance(m, PreTrainedModel))
     if not hasattr(lm, "_require_grads_hook"):
         lm.enable_input_require_grads()
-    return len(set_z3_leaf_modules(module, [LoraLayer]))
+    if mode == "lora":
+        return len(set_z3_leaf_modules(module, [LoraLayer]))
+    blocks = set(getattr(lm, "_no_split_modules", None) or ())
+    classes = list({type(m) for m in module.modules() if type(m).__name__ in blocks})
+    if not classes:
+        raise ValueError(f"{type(lm).__name__} names no decoder-layer class (_no_split_modules); "
+                         "use deepspeed.zero3_leaf: lora")
+    return len(set_z3_leaf_modules(module, classes))

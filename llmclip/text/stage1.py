@@ -59,15 +59,16 @@ def zero3_leaf_mode(cfg: Stage1Config, zero3: bool) -> str:
     """``deepspeed.zero3_leaf`` resolved for this run (see ``llmclip.ds_config.mark_zero3_leaves``).
 
     DeepSpeed reduces a leaf module's gradients once per *call* of it, so leaves need one decoder
-    forward per micro-step (``stage1.length_buckets: 1``); with more buckets ``auto`` keeps
+    forward per micro-step (``stage1.length_buckets: 1``); there ``auto`` makes each decoder layer
+    one fetch unit (fewest hooks: ``benchmarks/zero3_fetch.py``), and with more buckets it keeps
     per-module hooks, trading hook overhead for bucketing's saved padding.
     """
     mode = cfg.deepspeed.zero3_leaf
     if not zero3:
         return "none"
     if mode == "auto":
-        return "lora" if cfg.stage1.length_buckets == 1 else "none"
-    if mode == "lora" and cfg.stage1.length_buckets > 1:
+        return "layer" if cfg.stage1.length_buckets == 1 else "none"
+    if mode in ("lora", "layer") and cfg.stage1.length_buckets > 1:
         raise ConfigError(
             f"ZeRO-3 leaf modules need one forward per micro-step, but stage1.length_buckets is "
             f"{cfg.stage1.length_buckets}: DeepSpeed would reduce a leaf's gradients once per bucket; "

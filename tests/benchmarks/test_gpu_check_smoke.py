@@ -44,6 +44,7 @@ def test_gpu_check_cpu_smoke_runs_every_check_and_a_second_stage1_variant(tmp_pa
     assert checks["attention"]["control"]["status"] == "passed"
     s1 = checks["stage1"]
     assert s1["ok"] and s1["finite"] and s1["zero_stage"] == 3 and s1["profile"] is None
+    assert s1["zero3_leaf"] == "layer" and s1["zero3_leaf_modules"] >= 1  # the trainer's auto
 
     again = _run(tmp_path, tmp_path / "z2.json", "--checks", "stage1", "--s1-zero", "2",
                  "--s1-profile")["stage1"]
