@@ -117,15 +117,15 @@ def random_llama_dir(env: Env, work: Path) -> tuple[Path, str]:
     return out, name
 
 
-def check_stage1(env: Env, work: Path) -> dict[str, Any]:
+def build_stage1(env: Env, work: Path, leaf: str) -> dict[str, Any]:
+    """The stage-1 engine of check 3 with ``leaf`` as its ZeRO-3 fetch unit, and its ``step``."""
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     from llmclip.config import DeepSpeedSection, OptimConfig, RunConfig, lr_factor
     from llmclip.ds_config import mark_zero3_leaves
-    from llmclip.plan import MODELS, PEAK_TFLOPS, PlanInput, plan
-    from llmclip.text.kernels import attention_backends, kernels_of, liger_status
+    from llmclip.text.kernels import attention_backends
     from llmclip.text.model_config import LoraSection, ModelConfig
     from llmclip.text.stage1 import Stage1Module, deepspeed_config, param_groups
     from llmclip.text.stage1_config import ObjectiveConfig, Stage1Config
@@ -159,7 +159,7 @@ def check_stage1(env: Env, work: Path) -> dict[str, Any]:
 
     enc = LLMEncoder.build(cfg.model, torch.bfloat16 if not env.smoke else torch.float32)
     module = Stage1Module(enc, cfg.stage1)
-    leaves = mark_zero3_leaves(module, a.s1_zero3_leaf) if a.s1_zero == 3 else 0
+    leaves = mark_zero3_leaves(module, leaf) if a.s1_zero == 3 else 0
     opt = torch.optim.AdamW(param_groups(module, cfg.optim.weight_decay), lr=cfg.optim.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.optim))
     engine, _, _, _ = deepspeed.initialize(
@@ -169,8 +169,6 @@ def check_stage1(env: Env, work: Path) -> dict[str, Any]:
     unset_hf_deepspeed_config()
     load_s = time.perf_counter() - t0
     load_peak = env.peak_gib()
-    attn_impl = enc.base_model.config._attn_implementation
-    kernels = kernels_of(enc.base_model)
     vocab = min(len(enc.tokenizer), enc.base_model.config.vocab_size)
     gen = torch.Generator().manual_seed(0)
 
@@ -189,7 +187,7 @@ def check_stage1(env: Env, work: Path) -> dict[str, Any]:
         "pos_ids": torch.arange(b, device=engine.device),
         "neg_ids": torch.arange(b, 2 * b, device=engine.device),
     }  # fmt: skip
-    losses = []
+    losses: list[float] = []
     # from_pretrained returns the model in eval mode, and transformers only checkpoints in training
     # mode: without this the step keeps every layer's activations (102 GiB vs 11.6 on an H200).
     engine.train()
@@ -203,6 +201,33 @@ def check_stage1(env: Env, work: Path) -> dict[str, Any]:
         engine.step()
         losses.append(float(out["loss"].detach()))
 
+    return {"module": module, "enc": enc, "step": step, "losses": losses,
+            "leaves": leaves, "b": b, "seq": seq, "model_name": model_name, "ds_json": ds_json,
+            "zero_opts": zero_opts, "build_s": build_s, "load_s": load_s, "load_peak": load_peak}
+
+
+def stage1_mfu(env: Env, model_name: str, b: int, seq: int, step_s: float) -> float:
+    """MFU of one stage-1 step of 3 x ``b`` sequences of ``seq`` tokens, ``llmclip plan``'s count."""
+    from llmclip.plan import MODELS, PEAK_TFLOPS
+
+    shape = MODELS[model_name]
+    n_lin = shape.layers * shape.linear_params_per_layer()
+    flops = (8 * n_lin + 12 * shape.layers * seq * shape.hidden) * 3 * b * seq
+    return flops / step_s / (PEAK_TFLOPS[env.gpu_type()] * 1e12)
+
+
+def check_stage1(env: Env, work: Path) -> dict[str, Any]:
+    from llmclip.plan import MODELS, PEAK_TFLOPS, PlanInput, plan
+    from llmclip.text.kernels import kernels_of, liger_status
+
+    a = env.args
+    s1 = build_stage1(env, work, a.s1_zero3_leaf)
+    module, enc, step, losses = s1["module"], s1["enc"], s1["step"], s1["losses"]
+    b, seq, model_name, leaves = s1["b"], s1["seq"], s1["model_name"], s1["leaves"]
+    ds_json, zero_opts, build_s, load_s, load_peak = (
+        s1["ds_json"], s1["zero_opts"], s1["build_s"], s1["load_s"], s1["load_peak"])
+    attn_impl = enc.base_model.config._attn_implementation
+    kernels = kernels_of(enc.base_model)
     env.reset_peak()
     times = timed(env, step, steps=2 if env.smoke else a.s1_steps, warmup=1 if env.smoke else 2)
     step_s = C.median(times)
@@ -214,10 +239,8 @@ def check_stage1(env: Env, work: Path) -> dict[str, Any]:
                          flash_attn=attn_impl == "flash_attention_2", mntp=False,
                          gpu_type=gpu_type))  # fmt: skip
     shape = MODELS[model_name]
-    n_lin = shape.layers * shape.linear_params_per_layer()
-    flops = (8 * n_lin + 12 * shape.layers * seq * shape.hidden) * tokens
     peak_tflops = PEAK_TFLOPS[gpu_type]
-    mfu = flops / step_s / (peak_tflops * 1e12)
+    mfu = stage1_mfu(env, model_name, b, seq, step_s)
     peak = env.peak_gib()
     met = "met" if mfu >= MFU_TARGET else "NOT met"
     finite = all(map(lambda x: x == x and abs(x) != float("inf"), losses))

@@ -1,4 +1,4 @@
-"""The Python side of ``benchmarks/gpu_check.sh``: four GPU checks, one JSON.
+"""The Python side of ``benchmarks/gpu_check.sh``: four GPU checks (and an opt-in fifth), one JSON.
 
     bash benchmarks/gpu_check.sh                 # one CUDA GPU (H200: < 10 minutes, 9 min limit)
     python benchmarks/gpu_check.py --cpu-smoke   # the same code on tiny sizes, on a CPU
@@ -24,6 +24,9 @@ Every comparison is between genuinely different implementations, records the pai
    MFU (``llmclip plan``'s FLOP count) against the 40% target, peak memory vs the planner's estimate.
 4. ``stage2``: ``CLIPModel`` with ViT-B/16 at 224 px on cached 4096-d embeddings under DeepSpeed
    ZeRO-2 bf16 (ds_configs/zero2_bf16.json): images/s, peak memory, MFU, planner estimates.
+5. ``fetch`` (only when named in ``--checks``): check 3's ZeRO-3 step once per fetch unit of
+   ``--fetch-units`` in one process, timed interleaved: each unit's MFU on the same machine, and
+   the ratio of median step times (``_gpu_fetch.py``).
 
 Each check records its own error instead of stopping the others; the exit code is 1 if any failed.
 """
@@ -69,6 +72,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="ZeRO-3 fetch unit (deepspeed.zero3_leaf; the check's micro-step is one "
                         "forward, where auto = layer): layer = each decoder layer, lora = each LoRA "
                         "linear, none = DeepSpeed's per-module hooks")
+    p.add_argument("--fetch-units", default="layer,lora",
+                   help="the fetch check's ZeRO-3 units, timed interleaved on one GPU (2-3 of "
+                        "layer, lora, none; ratios against the last)")
     p.add_argument("--s1-profile", action="store_true",
                    help="profile one extra stage-1 step: the top CUDA kernels and GPU busy time")
     p.add_argument("--s2-batch", type=int, default=256)
@@ -118,6 +124,7 @@ class Env:
 
 
 from _gpu_equality import check_attention, check_kernels  # noqa: E402
+from _gpu_fetch import check_fetch  # noqa: E402
 from _gpu_steps import check_stage1, check_stage2  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------
@@ -147,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         )  # fmt: skip
         work.mkdir(parents=True, exist_ok=True)
         fns = {"attention": check_attention, "kernels": check_kernels, "stage1": check_stage1,
-               "stage2": check_stage2}  # fmt: skip
+               "stage2": check_stage2, "fetch": check_fetch}  # fmt: skip
         for name in checks:
             t0 = time.perf_counter()
             print(f"gpu_check: {name} ...", flush=True)

@@ -10,11 +10,14 @@
 #      (NF4 + LoRA r16 + gradient checkpointing + Liger + fused SDPA, DeepSpeed ZeRO-3): tokens/s,
 #      MFU against the 40% target, peak memory next to `llmclip plan`'s estimate for the same recipe;
 #   4. stage-2 steps of ViT-B/16 at 224 px on cached 4096-d embeddings (ZeRO-2 bf16): images/s.
+#   5. (only with --checks ...,fetch) check 3's ZeRO-3 step once per fetch unit (--fetch-units
+#      layer,lora[,none]), timed interleaved in one process: each unit's MFU on the same machine.
 # Output: benchmarks/results/gpu-check-<date>-<gpu>.json (commit it with the date and GPU name).
 #
 #   bash benchmarks/gpu_check.sh                 # on the GPU machine, from the repo root
 #   bash benchmarks/gpu_check.sh --cpu-smoke     # the same Python on tiny sizes, on a CPU
 #   PYTHON=/path/to/python bash benchmarks/gpu_check.sh --checks attention,stage2
+#   bash benchmarks/gpu_check.sh --checks fetch --fetch-units layer,lora,none
 #
 # Needs the project installed in .venv (`make install`; flash-attn and liger-kernel via
 # `pip install -e '.[gpu]'`; a missing one is reported as skipped, not passed),

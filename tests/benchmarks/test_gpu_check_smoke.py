@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -52,3 +54,20 @@ def test_gpu_check_cpu_smoke_runs_every_check_and_a_second_stage1_variant(tmp_pa
     assert again["zero_stage"] == 2 and again["ds_config"] == "cpu_zero2.json" and again["ok"]
     prof = again["profile"]
     assert prof["wall_s"] > 0 and prof["top_host_ops"] and prof["gpu_busy_s"] == 0.0
+
+
+def test_gpu_check_cpu_smoke_times_fetch_units_side_by_side(tmp_path):
+    fetch = _run(tmp_path, tmp_path / "fetch.json", "--checks", "fetch",
+                 "--fetch-units", "layer,lora,none")["fetch"]
+    assert "error" not in fetch, fetch.get("traceback")
+    assert fetch["units"] == ["layer", "lora", "none"] and fetch["peer"] == "none"
+    rows = fetch["per_unit"]
+    assert rows["layer"]["leaves"] == 2 and rows["lora"]["leaves"] == 14 and rows["none"]["leaves"] == 0
+    assert all(len(r["step_s"]) == 2 and r["mfu"] > 0 for r in rows.values())
+    assert "ratio_vs_none" in rows["layer"] and fetch["first_losses_equal"] and fetch["ok"]
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from _gpu_fetch import fetch_units
+
+    for spec in ("layer,layer", "layer", "layer,leaf"):
+        with pytest.raises(ValueError, match="--fetch-units"):
+            fetch_units(spec)
