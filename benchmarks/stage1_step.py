@@ -173,18 +173,23 @@ def autocast(cfg) -> bool:
 
 
 class LLMClipEngineStep:
-    """Stage-1 contrastive micro-steps as ``llmclip.text.stage1.run`` takes them (DeepSpeed)."""
+    """Stage-1 contrastive micro-steps as ``llmclip.text.stage1.run`` takes them (DeepSpeed).
 
-    def __init__(self, cfg):
+    ``leaf``: the ZeRO-3 fetch unit (``mark_zero3_leaves``; ``zero3_fetch.py``), ``zero_opts``
+    merged into the JSON's ``zero_optimization``."""
+
+    def __init__(self, cfg, leaf: str = "none", zero_opts: dict | None = None):
         import deepspeed
         from transformers.integrations import HfDeepSpeedConfig
 
         from llmclip.config import lr_factor
+        from llmclip.ds_config import mark_zero3_leaves
         from llmclip.text.encoder import LLMEncoder
         from llmclip.text.stage1 import Stage1Module, deepspeed_config, param_groups
 
         C.single_rank_env()
         ds_config = deepspeed_config(cfg, 1)
+        ds_config["zero_optimization"].update(zero_opts or {})
         hf_ds = None
         if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
             hf_ds = HfDeepSpeedConfig(ds_config)  # noqa: F841  (alive while loading, as in run())
@@ -194,6 +199,7 @@ class LLMClipEngineStep:
         self.encoder = LLMEncoder.build(cfg.model, torch.bfloat16 if use_bf16(cfg.deepspeed) else torch.float32)
         module = Stage1Module(self.encoder, cfg.stage1, autocast=autocast(cfg),
                               autocast_attention=cfg.deepspeed.autocast_attention)
+        self.leaves = mark_zero3_leaves(module, leaf)
         opt = torch.optim.AdamW(
             param_groups(module, cfg.optim.weight_decay), lr=cfg.optim.lr,
             betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,

@@ -33,7 +33,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as C  # noqa: E402
-import torch  # noqa: E402
 
 MODES = ("none", "lora", "layer")
 SHAPES = {  # stage1_step.py's model arguments
@@ -41,41 +40,6 @@ SHAPES = {  # stage1_step.py's model arguments
              "--intermediate", "344"],
     "recipe": [],
 }
-
-
-class LeafStep:
-    """``stage1_step.LLMClipEngineStep`` with the fetch unit set before ``deepspeed.initialize``."""
-
-    def __init__(self, cfg, mode: str) -> None:
-        import deepspeed
-        import stage1_step as S
-        from transformers.integrations import HfDeepSpeedConfig
-        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
-        from llmclip.ds_config import mark_zero3_leaves
-        from llmclip.text.encoder import LLMEncoder
-        from llmclip.text.stage1 import Stage1Module, deepspeed_config, param_groups, use_bf16
-
-        C.single_rank_env()
-        ds_config = deepspeed_config(cfg, 1)
-        ds_config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-        hf_ds = HfDeepSpeedConfig(ds_config)  # noqa: F841  (partitions while loading, as run())
-        torch.manual_seed(0)
-        self.encoder = LLMEncoder.build(cfg.model, torch.bfloat16 if use_bf16(cfg.deepspeed) else torch.float32)
-        module = Stage1Module(self.encoder, cfg.stage1, autocast=S.autocast(cfg),
-                              autocast_attention=cfg.deepspeed.autocast_attention)
-        self.leaves = mark_zero3_leaves(module, mode)
-        opt = torch.optim.AdamW(param_groups(module, cfg.optim.weight_decay), lr=cfg.optim.lr)
-        self.engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, config=ds_config)
-        del hf_ds
-        unset_hf_deepspeed_config()
-        self.loss = float("nan")
-
-    def step(self, batch: dict) -> None:
-        out = self.engine(**batch)
-        self.engine.backward(out["loss"])
-        self.engine.step()
-        self.loss = float(out["loss"].detach())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = S.stage1_config(s_args, model_dir, Path(tmp) / "run")
         cfg.stage1.length_buckets = 1  # leaves need one forward per micro-step
         cfg.model.gradient_checkpointing = True
-        steps = {m: LeafStep(cfg, m) for m in MODES}
+        # Every weight partitioned (persistence 0): each module's hooks gather something.
+        steps = {m: S.LLMClipEngineStep(cfg, leaf=m, zero_opts={"stage3_param_persistence_threshold": 0})
+                 for m in MODES}
         C.set_threads(args.threads)  # DeepSpeed's CPU accelerator may have changed it
         metas = S.openi_metas(args.batch * args.steps)
         _, batches = S.step_batches(metas, steps["none"].encoder, cfg.stage1, args.batch, args.steps)
