@@ -18,7 +18,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as C  # noqa: E402
-from _gpu_steps import MFU_TARGET, build_stage1, stage1_mfu, timed  # noqa: E402
+from _gpu_steps import MFU_TARGET, build_stage1, stage1_mfu  # noqa: E402
 
 UNITS = ("layer", "lora", "none")
 Env = Any  # gpu_check.Env
@@ -41,7 +41,8 @@ def check_fetch(env: Env, work: Path) -> dict[str, Any]:
     built = {u: build_stage1(env, work, u) for u in units}
     steps, warmup = (2, 1) if env.smoke else (a.s1_steps, 2)
     for u in units:
-        timed(env, built[u]["step"], steps=0, warmup=warmup)
+        for _ in range(warmup):
+            built[u]["step"]()
     times: dict[str, list[float]] = {u: [] for u in units}
     for r in range(steps):
         for u in units[r % len(units):] + units[:r % len(units)]:

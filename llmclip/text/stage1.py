@@ -68,7 +68,7 @@ def zero3_leaf_mode(cfg: Stage1Config, zero3: bool) -> str:
         return "none"
     if mode == "auto":
         return "layer" if cfg.stage1.length_buckets == 1 else "none"
-    if mode in ("lora", "layer") and cfg.stage1.length_buckets > 1:
+    if mode != "none" and cfg.stage1.length_buckets > 1:
         raise ConfigError(
             f"ZeRO-3 leaf modules need one forward per micro-step, but stage1.length_buckets is "
             f"{cfg.stage1.length_buckets}: DeepSpeed would reduce a leaf's gradients once per bucket; "
