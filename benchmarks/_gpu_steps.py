@@ -184,6 +184,7 @@ def build_stage1(env: Env, work: Path, leaf: str) -> dict[str, Any]:
     batch = {
         "kind": "contrastive", "texts": bucket(3 * b), "queries": b,
         "neg_valid": torch.ones(b, dtype=torch.bool, device=engine.device),
+        "neg_rows": torch.ones(b, dtype=torch.bool, device=engine.device),
         "pos_ids": torch.arange(b, device=engine.device),
         "neg_ids": torch.arange(b, 2 * b, device=engine.device),
     }  # fmt: skip

@@ -26,7 +26,9 @@ real Open-I report pairs built by ``llmclip.text.pairs.build_pairs``:
 Tokenisation is data-loader work on both sides and is not timed. Repetitions are interleaved in
 rotating order; the ratio is median seconds of the peer over median seconds of llmclip for the same
 pairs, i.e. the ratio of median tokens/s with the tokens counted once (llmclip's tokenizer, non-padding
-query + positive + negatives) for both. FLOPs of one llmclip step are counted by PyTorch's
+query + positive + hard negatives) for both. Both encode the real one-error edits only: the masked
+filler slots of reports with fewer edits than ``hard_negatives`` are left out of llmclip's forward and
+are not handed to the peer (``--with-fillers`` adds a row that encodes them, to time what that saves). FLOPs of one llmclip step are counted by PyTorch's
 ``FlopCounterMode`` and set against a same-run GEMM peak (``torch.matmul`` at the decoder's own
 linear shapes, same threads and dtype). Last, the MNTP step's peak memory (resident set above the
 step's start, each run in a fresh process) with the chunked cross-entropy vs the materialised
@@ -69,6 +71,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=1, help=C.THREADS_HELP)
     p.add_argument("--plain", action="store_true", help="add the no-DeepSpeed llmclip row")
+    p.add_argument("--with-fillers", action="store_true",
+                   help="add a llmclip row that also encodes the masked filler negatives (as before "
+                   "they were left out of the forward): what leaving them out saves")
     p.add_argument("--zero-stage", type=int, default=None, choices=(0, 1, 2, 3),
                    help="override the recipe's ZeRO stage")
     p.add_argument("--precision", default=None, choices=("auto", "fp32", "bf16", "bf16-autocast"),
@@ -137,6 +142,22 @@ def peer_tokens(peer_batches: list[dict], tokenizer) -> list[int]:
 
     return [sum(n(f"{i} {q}") for i, q in zip(b["instruction"], b["query"], strict=True))
             + sum(n(t) for t in b["pos"] + b["neg"]) for b in peer_batches]
+
+
+def encoded(pairs: list, rows: torch.Tensor) -> list[str]:
+    """The hard negatives a llmclip batch encodes (its ``neg_rows``), in slot order."""
+    negs = [n for p in pairs for n in p.negatives]
+    return [n for n, r in zip(negs, rows.tolist(), strict=True) if r]
+
+
+def with_fillers(pairs: list, batch: dict, enc, obj) -> dict:
+    """``batch`` with every hard-negative slot encoded, masked fillers included (the step before
+    ``encoded_negatives``): the same loss, more tokens."""
+    docs = [p.positive for p in pairs] + [n for p in pairs for n in p.negatives]
+    texts = enc.tokenize_buckets([p.query for p in pairs] + docs,
+                                 [obj.instructions[p.kind] for p in pairs] + [None] * len(docs),
+                                 buckets=obj.length_buckets)
+    return dict(batch, texts=texts, neg_rows=torch.ones_like(batch["neg_rows"]))
 
 
 def token_counts(b: dict) -> tuple[int, int]:
@@ -295,9 +316,11 @@ def main(argv: list[str] | None = None) -> int:
         C.set_threads(args.threads)  # DeepSpeed's CPU accelerator may have changed it
         counts = [token_counts(b) for b in batches]
         real, padded = sum(c[0] for c in counts), sum(c[1] for c in counts)
+        # The peer encodes the same documents: the real edits, not the masked filler slots that
+        # llmclip leaves out of the forward (``stage1_batch.encoded_negatives``).
         peer_batches = [{"query": [p.query for p in g], "instruction": [instr[p.kind] for p in g],
-                         "pos": [p.positive for p in g], "neg": [n for p in g for n in p.negatives]}
-                        for g in groups]
+                         "pos": [p.positive for p in g], "neg": encoded(g, b["neg_rows"])}
+                        for g, b in zip(groups, batches, strict=True)]
         # Same texts on both sides: the two tokenizers' counts differ only by special tokens.
         for c, theirs in zip(counts, peer_tokens(peer_batches, ours.encoder.tokenizer), strict=True):
             if abs(c[0] - theirs) > 0.05 * c[0]:
@@ -308,6 +331,9 @@ def main(argv: list[str] | None = None) -> int:
             runners = {"llmclip": lambda: [ours.step(b) for b in batches], "llm2vec": lambda: peer.run(k)}
             if plain is not None:
                 runners["llmclip (no DeepSpeed)"] = lambda: [plain.step(b) for b in batches]
+            if args.with_fillers:
+                full = [with_fillers(g, b, ours.encoder, cfg.stage1) for g, b in zip(groups, batches, strict=True)]
+                runners["llmclip (fillers encoded)"] = lambda: [ours.step(b) for b in full]
             times = C.interleaved(runners, reps=args.reps, warmup=args.warmup)
             # The peer times its steps itself (no pipe latency); use those seconds.
             times["llm2vec"] = peer.seconds[-args.reps:]
@@ -345,6 +371,14 @@ def main(argv: list[str] | None = None) -> int:
               "padded_tokens_per_rep": padded, "peer_real_tokens": peer.info["real_tokens"][:k],
               "ratio_tokens_per_s_vs_llm2vec": ratio.as_dict(), "flops_per_rep": flops,
               "gemm_peak_flops": peak, "gemm_fraction": achieved / peak}
+    if args.with_fillers:
+        saved = C.ratio_of_medians(times["llmclip"], times["llmclip (fillers encoded)"])
+        extra = sum(token_counts(b)[0] for b in full) - real
+        print(f"masked filler negatives left out of the forward: {extra} fewer real tokens per "
+              f"repetition ({100 * extra / (real + extra):.1f}%), {saved.value:.2f}x the step's "
+              f"speed (IQR {saved.q1:.2f}-{saved.q3:.2f}, min-max {saved.lo:.2f}-{saved.hi:.2f})")
+        result["filler_tokens_per_rep"] = extra
+        result["ratio_vs_fillers_encoded"] = saved.as_dict()
     if not args.skip_mntp:
         result["mntp_memory"] = mntp_memory(args)
     C.write_json(args.json, result)

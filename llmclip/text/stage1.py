@@ -119,9 +119,13 @@ class Stage1Module(nn.Module):
             hidden, target = torch.cat([h for h, _ in rows]), torch.cat([t for _, t in rows])
             loss = lm_head_loss(hidden, enc.lm_head, target, self.obj.mntp_chunk_mib)
             return {"loss": loss, "metrics": {}}
-        emb = enc.embed_buckets(batch["texts"])  # queries, then positives, then negatives
+        emb = enc.embed_buckets(batch["texts"])  # queries, positives, the encoded negatives
         b = int(batch["queries"])
-        loss, metrics = contrastive_loss(emb[:b], emb[b : 2 * b], emb[2 * b :], batch["neg_valid"], batch["pos_ids"],
+        rows = batch["neg_rows"]
+        neg = emb[2 * b :]
+        if neg.shape[0] != rows.numel():  # fillers were not encoded: zero rows, masked in the loss
+            neg = neg.new_zeros(rows.numel(), neg.shape[1]).index_put((rows,), neg)
+        loss, metrics = contrastive_loss(emb[:b], emb[b : 2 * b], neg, batch["neg_valid"], batch["pos_ids"],
                                          batch["neg_ids"], self.obj.contrastive_scale)
         return {"loss": loss, "metrics": metrics}
 

@@ -30,6 +30,26 @@ def summary_share(obj: ObjectiveConfig, task_seed: int) -> float:
     return float(random.Random(task_seed).random() < obj.summary_fraction)
 
 
+def encoded_negatives(valid: list[bool], others: int, buckets: int) -> list[bool]:
+    """Which hard-negative slots a micro-step encodes: the real edits, not the fillers.
+
+    A report with fewer one-error edits than ``hard_negatives`` fills its slots with masked
+    placeholders (``pairs._pad``) so that every rank gathers keys of one shape; on the Open-I
+    reports a third of the slots are fillers, ~9% of a step's text. Their scores are masked in the
+    loss, so encoding them is pure waste: the module gives them zero embeddings instead. Only when
+    the micro-step would then hold fewer texts than ``length_buckets`` are some fillers encoded, since
+    every rank must run the same number of forwards (ZeRO-3 gathers weights around each one).
+    """
+    rows = list(valid)
+    missing = buckets - others - sum(rows)
+    for i, v in enumerate(valid):
+        if missing <= 0:
+            break
+        if not v:
+            rows[i], missing = True, missing - 1
+    return rows
+
+
 def make_batch(kind: str, metas: list[dict[str, Any]], enc: LLMEncoder, obj: ObjectiveConfig,
                seed: int, blank_id: int, task_seed: int) -> dict[str, Any]:
     """Tensors for one micro-step, built deterministically from ``seed`` (this rank's) and
@@ -48,7 +68,10 @@ def make_batch(kind: str, metas: list[dict[str, Any]], enc: LLMEncoder, obj: Obj
                                             "labels": [m[1] for m in masked]}}
     rng = random.Random(seed)
     pairs = build_pairs(metas, rng, obj.hard_negatives, summary_share(obj, task_seed))
-    docs = [p.positive for p in pairs] + [n for p in pairs for n in p.negatives]
+    valid = [v for p in pairs for v in p.negative_valid]
+    rows = encoded_negatives(valid, 2 * len(pairs), obj.length_buckets)
+    negs = [n for p in pairs for n in p.negatives]
+    docs = [p.positive for p in pairs] + [n for n, r in zip(negs, rows, strict=True) if r]
     # Queries (with their instruction) and documents share the length buckets: one forward per
     # bucket for the whole micro-step, so fewer, larger matmuls and, under ZeRO-3, fewer gathers of
     # every weight (measured on a CPU: 5 forwards, 2 query + 3 document buckets, were slower).
@@ -58,7 +81,8 @@ def make_batch(kind: str, metas: list[dict[str, Any]], enc: LLMEncoder, obj: Obj
                                       [obj.instructions[p.kind] for p in pairs] + [None] * len(docs),
                                       buckets=obj.length_buckets),
         "queries": len(pairs),
-        "neg_valid": torch.tensor([v for p in pairs for v in p.negative_valid], dtype=torch.bool),
+        "neg_valid": torch.tensor(valid, dtype=torch.bool),
+        "neg_rows": torch.tensor(rows, dtype=torch.bool),
         "pos_ids": torch.tensor([text_id(p.positive) for p in pairs], dtype=torch.long),
         "neg_ids": torch.tensor([text_id(n) for p in pairs for n in p.negatives], dtype=torch.long),
     }
