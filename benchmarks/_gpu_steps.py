@@ -159,7 +159,7 @@ def build_stage1(env: Env, work: Path, leaf: str) -> dict[str, Any]:
 
     enc = LLMEncoder.build(cfg.model, torch.bfloat16 if not env.smoke else torch.float32)
     module = Stage1Module(enc, cfg.stage1)
-    leaves = mark_zero3_leaves(module, leaf) if a.s1_zero == 3 else 0
+    leaves = mark_zero3_leaves(module, leaf, ds_config) if a.s1_zero == 3 else 0
     opt = torch.optim.AdamW(param_groups(module, cfg.optim.weight_decay), lr=cfg.optim.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.optim))
     engine, _, _, _ = deepspeed.initialize(

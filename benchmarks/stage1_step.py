@@ -220,7 +220,7 @@ class LLMClipEngineStep:
         self.encoder = LLMEncoder.build(cfg.model, torch.bfloat16 if use_bf16(cfg.deepspeed) else torch.float32)
         module = Stage1Module(self.encoder, cfg.stage1, autocast=autocast(cfg),
                               autocast_attention=cfg.deepspeed.autocast_attention)
-        self.leaves = mark_zero3_leaves(module, leaf)
+        self.leaves = mark_zero3_leaves(module, leaf, ds_config)
         opt = torch.optim.AdamW(
             param_groups(module, cfg.optim.weight_decay), lr=cfg.optim.lr,
             betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,

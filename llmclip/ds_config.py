@@ -78,9 +78,10 @@ def build_deepspeed_config(
     return ds
 
 
-def mark_zero3_leaves(module: Any, mode: str) -> int:
+def mark_zero3_leaves(module: Any, mode: str, ds_config: dict[str, Any] | None = None) -> int:
     """Make each LoRA-wrapped linear (``lora``) or each decoder layer (``layer``) one ZeRO-3 fetch
-    unit; returns how many modules were marked.
+    unit; returns how many modules were marked. With ``layer``, ``ds_config``'s prefetch bucket is
+    raised to one whole layer (``prefetch_whole_layer``).
 
     ZeRO-3 puts fetch/release and backward hooks on every submodule, and a peft LoRA linear is five
     of them (wrapper, frozen base, dropout, A, B): on an 8B QLoRA step of 12K tokens that host-side
@@ -116,4 +117,27 @@ def mark_zero3_leaves(module: Any, mode: str) -> int:
     if not classes:
         raise ValueError(f"{type(lm).__name__} names no decoder-layer class (_no_split_modules); "
                          "use deepspeed.zero3_leaf: lora")
-    return len(set_z3_leaf_modules(module, classes))
+    layers = set_z3_leaf_modules(module, classes)
+    if ds_config is not None:
+        prefetch_whole_layer(ds_config, layers)
+    return len(layers)
+
+
+def prefetch_whole_layer(ds_config: dict[str, Any], layers: list[Any]) -> int:
+    """Raise ``stage3_prefetch_bucket_size`` to the largest layer's parameter count; returns it.
+
+    ZeRO-3 prefetches upcoming parameters until the bucket is full, and a leaf's parameters are all
+    needed at its first call. The usual bucket (0.9 x hidden^2, sized for one linear: 15.1M for an
+    8B) holds under a third of an 8B NF4 layer (~56M storage elements), so two thirds of every
+    layer would be gathered only when it starts, with nothing to hide them behind. One whole layer
+    in flight is FSDP's scheme, and ``llmclip plan`` already budgets it (largest layer x 2).
+    An explicit 0 (prefetch off) is kept. Counts are taken before ``deepspeed.initialize``, from
+    ``ds_numel`` where loading already partitioned a weight.
+    """
+    zero = ds_config.setdefault("zero_optimization", {})
+    largest = max((sum(int(getattr(p, "ds_numel", p.numel())) for p in m.parameters()) for m in layers),
+                  default=0)
+    bucket = int(zero.get("stage3_prefetch_bucket_size", 50_000_000))  # DeepSpeed's default
+    if bucket > 0:
+        zero["stage3_prefetch_bucket_size"] = max(bucket, largest)
+    return int(zero.get("stage3_prefetch_bucket_size", bucket))

@@ -251,9 +251,13 @@ def run(cfg: Stage1Config) -> int:
     module = Stage1Module(encoder, cfg.stage1, autocast=mode == "bf16-autocast",
                           autocast_attention=cfg.deepspeed.autocast_attention)
     n_train = sum(p.numel() for p in module.parameters() if p.requires_grad)
-    leaves = mark_zero3_leaves(module, leaf_mode)
+    leaves = mark_zero3_leaves(module, leaf_mode, ds_config)
     log.info("trainable parameters: %d; precision %s; ZeRO stage %s (%d leaf modules); world %d",
              n_train, mode, ds_config["zero_optimization"].get("stage"), leaves, env.world_size)
+    if leaf_mode == "layer" and env.is_main:  # the prefetch bucket now holds a whole layer
+        log.info("ZeRO-3 prefetch bucket: %d parameters",
+                 ds_config["zero_optimization"]["stage3_prefetch_bucket_size"])
+        (out / "ds_config.json").write_text(json.dumps(ds_config, indent=2), encoding="utf-8")
     optimizer = torch.optim.AdamW(param_groups(module, cfg.optim.weight_decay), lr=cfg.optim.lr,
                                   betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.optim))

@@ -60,3 +60,59 @@ def test_unusable_files_are_refused_naming_the_file(tmp_path, user, words):
     with pytest.raises(ConfigError, match="ds.json") as e:
         _build(tmp_path, user)
     assert words in str(e.value) and e.value.key == "deepspeed.config"
+
+
+_PREFETCH = r"""
+import json, os, sys
+import deepspeed, torch
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+from llmclip.ds_config import mark_zero3_leaves
+
+os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
+deepspeed.init_distributed(dist_backend="gloo")
+cfg = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=128, vocab_size=512)
+layer = sum(p.numel() for p in LlamaForCausalLM(cfg).model.layers[0].parameters())
+out = {"layer": layer}
+for partitioned in (False, True):
+    zero = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
+    if partitioned:  # loading under zero.Init, as from_pretrained does under HfDeepSpeedConfig
+        with deepspeed.zero.Init(config_dict_or_path=zero):
+            lm = LlamaForCausalLM(cfg)
+    else:
+        lm = LlamaForCausalLM(cfg)
+    model = get_peft_model(lm, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    lora = sum(p.numel() for n, p in model.named_parameters() if "layers.0." in n and "lora_" in n)
+    for bucket in (1000, 10**9, 0):
+        ds = {"zero_optimization": {"stage": 3, "stage3_prefetch_bucket_size": bucket}}
+        assert mark_zero3_leaves(model, "layer", ds) == 2
+        out[f"{partitioned}-{bucket}"] = ds["zero_optimization"]["stage3_prefetch_bucket_size"]
+    out["lora"] = lora
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_layer_leaves_prefetch_a_whole_layer(tmp_path):
+    # ZeRO-3 prefetches parameters up to stage3_prefetch_bucket_size; with decoder layers as fetch
+    # units a bucket smaller than a layer leaves most of each layer to be gathered when it starts.
+    # The bucket is raised to the largest layer (a larger one is kept, 0 = prefetch off is kept),
+    # counted right also when loading already partitioned the weights (their .numel() is then 0).
+    import subprocess
+    import sys
+
+    from llmclip.distributed import free_port
+
+    script = tmp_path / "prefetch.py"
+    script.write_text(_PREFETCH, encoding="utf-8")
+    run = subprocess.run([sys.executable, str(script), str(free_port())], capture_output=True, text=True,
+                         timeout=300)
+    lines = [x for x in run.stdout.splitlines() if x.startswith("RESULT ")]
+    assert run.returncode == 0 and lines, run.stderr[-3000:]
+    out = json.loads(lines[0][len("RESULT "):])
+    whole = out["layer"] + out["lora"]
+    assert whole > 1000
+    for partitioned in (False, True):
+        assert out[f"{partitioned}-1000"] == whole
+        assert out[f"{partitioned}-{10**9}"] == 10**9
+        assert out[f"{partitioned}-0"] == 0
