@@ -28,11 +28,11 @@ rotating order; the ratio is median seconds of the peer over median seconds of l
 pairs, i.e. the ratio of median tokens/s with the tokens counted once (llmclip's tokenizer, non-padding
 query + positive + hard negatives) for both. Both encode the real one-error edits only: the masked
 filler slots of reports with fewer edits than ``hard_negatives`` are left out of llmclip's forward and
-are not handed to the peer (``--with-fillers`` adds a row that encodes them, to time what that saves). FLOPs of one llmclip step are counted by PyTorch's
-``FlopCounterMode`` and set against a same-run GEMM peak (``torch.matmul`` at the decoder's own
-linear shapes, same threads and dtype). Last, the MNTP step's peak memory (resident set above the
-step's start, each run in a fresh process) with the chunked cross-entropy vs the materialised
-logits, at the recipe's vocabulary (``_mntp_memory.py``; the pipe to the llm2vec process is
+are not handed to the peer (``--with-fillers`` adds a row that encodes them, to time what that
+saves). FLOPs of one llmclip step are counted by PyTorch's ``FlopCounterMode`` and set against a
+same-run GEMM peak (``torch.matmul`` at the decoder's own linear shapes, same threads and dtype).
+Last, the MNTP step's peak memory (resident set above the step's start, each run in a fresh
+process) with the chunked cross-entropy vs the materialised logits, at the recipe's vocabulary (``_mntp_memory.py``; the pipe to the llm2vec process is
 ``_llm2vec_client.py``).
 """
 
