@@ -32,8 +32,8 @@ are not handed to the peer (``--with-fillers`` adds a row that encodes them, to 
 saves). FLOPs of one llmclip step are counted by PyTorch's ``FlopCounterMode`` and set against a
 same-run GEMM peak (``torch.matmul`` at the decoder's own linear shapes, same threads and dtype).
 Last, the MNTP step's peak memory (resident set above the step's start, each run in a fresh
-process) with the chunked cross-entropy vs the materialised logits, at the recipe's vocabulary (``_mntp_memory.py``; the pipe to the llm2vec process is
-``_llm2vec_client.py``).
+process) with the chunked cross-entropy vs the materialised logits, at the recipe's vocabulary
+(``_mntp_memory.py``; the pipe to the llm2vec process is ``_llm2vec_client.py``).
 """
 
 from __future__ import annotations
