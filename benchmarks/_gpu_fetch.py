@@ -11,7 +11,6 @@ rotating order; each unit's MFU and the ratio of median step times come from the
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -40,17 +39,11 @@ def check_fetch(env: Env, work: Path) -> dict[str, Any]:
     units = fetch_units(a.fetch_units)
     built = {u: build_stage1(env, work, u) for u in units}
     steps, warmup = (2, 1) if env.smoke else (a.s1_steps, 2)
-    for u in units:
-        for _ in range(warmup):
-            built[u]["step"]()
-    times: dict[str, list[float]] = {u: [] for u in units}
-    for r in range(steps):
-        for u in units[r % len(units):] + units[:r % len(units)]:
-            env.sync()
-            t0 = time.perf_counter()
-            built[u]["step"]()
-            env.sync()
-            times[u].append(time.perf_counter() - t0)
+
+    def synced(step):  # a step's time includes its GPU work; the next one starts on an idle GPU
+        return lambda: (step(), env.sync())
+
+    times = C.interleaved({u: synced(built[u]["step"]) for u in units}, reps=steps, warmup=warmup)
     first = built[units[0]]
     b, seq, model = first["b"], first["seq"], first["model_name"]
     peer = units[-1]

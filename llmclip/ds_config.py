@@ -123,8 +123,8 @@ def mark_zero3_leaves(module: Any, mode: str, ds_config: dict[str, Any] | None =
     return len(layers)
 
 
-def prefetch_whole_layer(ds_config: dict[str, Any], layers: list[Any]) -> int:
-    """Raise ``stage3_prefetch_bucket_size`` to the largest layer's parameter count; returns it.
+def prefetch_whole_layer(ds_config: dict[str, Any], layers: list[Any]) -> None:
+    """Raise ``stage3_prefetch_bucket_size`` to the largest layer's parameter count.
 
     ZeRO-3 prefetches upcoming parameters until the bucket is full, and a leaf's parameters are all
     needed at its first call. The usual bucket (0.9 x hidden^2, sized for one linear: 15.1M for an
@@ -140,4 +140,3 @@ def prefetch_whole_layer(ds_config: dict[str, Any], layers: list[Any]) -> int:
     bucket = int(zero.get("stage3_prefetch_bucket_size", 50_000_000))  # DeepSpeed's default
     if bucket > 0:
         zero["stage3_prefetch_bucket_size"] = max(bucket, largest)
-    return int(zero.get("stage3_prefetch_bucket_size", bucket))
