@@ -74,7 +74,7 @@ def _sdpa_fp32(sdpa: Callable, module: nn.Module, query: torch.Tensor, key: torc
     """transformers' own SDPA forward (``sdpa``), run on fp32 q, k, v with autocast off (the
     projections around it stay in bf16). PyTorch's CPU flash-attention kernel is slower in bf16 than
     in fp32: forward + backward at report lengths (9 heads of 64, 48-192 tokens, ~4K tokens a batch)
-    ran 1.2-2.8x faster in fp32 on an AVX512-BF16 CPU (one-off microbenchmark, session 9). fp32 is
+    ran 1.2-2.8x faster in fp32 on an AVX512-BF16 CPU (one-off microbenchmark, 2026-12-03). fp32 is
     also the more accurate of the two."""
     with torch.autocast(query.device.type, enabled=False):
         return sdpa(module, query.float(), key.float(), value.float(), attention_mask, **kwargs)
