@@ -53,8 +53,16 @@ def spread(xs: Sequence[float]) -> float:
     """Relative half-range of the middle half (a noise figure printed next to every median)."""
     if len(xs) < 4:
         return (max(xs) - min(xs)) / (2 * median(xs)) if len(xs) > 1 else 0.0
-    q = statistics.quantiles(xs, n=4)
+    q = quartiles(xs)
     return (q[2] - q[0]) / (2 * median(xs))
+
+
+def quartiles(xs: Sequence[float]) -> list[float]:
+    """Q1, median, Q3 by linear interpolation between the data points (numpy's default), so the
+    inter-quartile range always lies within min-max. (Python's default ``exclusive`` method
+    extrapolates past the data for small samples: with 2 repetitions its Q1 fell below the minimum.
+    Results saved before 2026-12-05 used it; their IQRs are slightly wider.)"""
+    return statistics.quantiles(xs, n=4, method="inclusive")
 
 
 @dataclass
@@ -88,7 +96,7 @@ def ratio_of_medians(ours: Sequence[float], peer: Sequence[float]) -> Ratio:
     the per-repetition ratios only give the spread.
     """
     per = [b / a for a, b in zip(ours, peer, strict=True)]
-    q = statistics.quantiles(per, n=4) if len(per) >= 2 else [per[0]] * 3
+    q = quartiles(per) if len(per) >= 2 else [per[0]] * 3
     return Ratio(median(peer) / median(ours), q[0], q[2], min(per), max(per), len(per))
 
 

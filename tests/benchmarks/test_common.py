@@ -41,6 +41,15 @@ def test_ratio_is_the_ratio_of_medians_not_the_median_of_ratios():
         C.ratio_of_medians([1.0], [1.0, 2.0])
 
 
+@pytest.mark.parametrize("reps", [2, 3, 4, 5, 7])
+def test_the_spread_of_a_ratio_lies_within_its_repetitions(reps):
+    # Per-repetition ratios 1, 2, ..., reps: the inter-quartile range must sit inside min-max even
+    # for two repetitions (an extrapolating quantile method put Q1 below the smallest ratio).
+    r = C.ratio_of_medians([1.0] * reps, [float(i + 1) for i in range(reps)])
+    assert (r.lo, r.hi) == (1.0, float(reps))
+    assert r.lo <= r.q1 <= r.value <= r.q3 <= r.hi, r
+
+
 def test_gemm_peak_and_flop_count_agree_on_a_matmul():
     import torch
 
