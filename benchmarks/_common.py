@@ -61,7 +61,7 @@ def quartiles(xs: Sequence[float]) -> list[float]:
     """Q1, median, Q3 by linear interpolation between the data points (numpy's default), so the
     inter-quartile range always lies within min-max. (Python's default ``exclusive`` method
     extrapolates past the data for small samples: with 2 repetitions its Q1 fell below the minimum.
-    Results saved before 2026-12-05 used it; their IQRs are slightly wider.)"""
+    Every result saved up to 2026-12-04 used it; their IQRs are slightly wider.)"""
     return statistics.quantiles(xs, n=4, method="inclusive")
 
 
