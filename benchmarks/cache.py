@@ -27,6 +27,7 @@ same-run GEMM peak at the decoder's own linear shapes, in the same threads and d
     python benchmarks/cache.py                           # SmolLM2-135M, 4 layers, bf16, 5 reps
     python benchmarks/cache.py --precision fp32 --reps 3
     python benchmarks/cache.py --model tiny --reports 512 --reps 2   # quick check
+    python benchmarks/cache.py --profile                 # + where the builder's time goes
 """
 
 from __future__ import annotations
@@ -120,6 +121,33 @@ def forward_flops(decoder, lengths: list[int]) -> float:
     return float(layers * (2.0 * per_layer * t.sum() + 4.0 * width * (t**2).sum()))
 
 
+def time_split(enc, texts: list[str], batch_tokens: int, peak: float) -> dict[str, float]:
+    """Where one builder encode's time goes (torch profiler, self CPU time per op): the matmuls
+    (``aten::mm``/``addmm``, their FLOPs from the recorded shapes), the attention kernel
+    (``scaled_dot_product*``) and everything else; and the most a builder doing the same matmuls
+    could gain, were every other op free and the matmuls at the same-run GEMM peak."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        enc.encode(texts, batch_tokens=batch_tokens)
+    total = mm = attn = mm_flops = 0.0
+    for e in prof.events():
+        us = e.self_cpu_time_total
+        total += us
+        if e.name in ("aten::mm", "aten::addmm"):
+            mm += us
+            a, b = [s for s in e.input_shapes if len(s) == 2][-2:]
+            mm_flops += 2.0 * a[0] * a[1] * b[1]
+        elif "scaled_dot_product" in e.name:
+            attn += us
+    mm_s = mm / 1e6
+    return {"seconds": total / 1e6, "matmul_share": mm / total, "attention_share": attn / total,
+            "other_share": 1 - (mm + attn) / total, "matmul_flops": mm_flops,
+            "matmul_flop_per_s": mm_flops / mm_s,
+            "matmul_peak_fraction": mm_flops / mm_s / peak,
+            "ceiling": (total / 1e6) / (mm_flops / peak)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--encoder", default=None, help="an encoder dir (default: build --model)")
@@ -135,6 +163,9 @@ def main() -> None:
                    help="builder with BuildOptions(compile=True): torch.compile'd decoder (the "
                    "compile is warm-up, timed apart; sentence-transformers stays eager)")
     p.add_argument("--st-batch", type=int, default=32, help="encode() batch_size (ST default)")
+    p.add_argument("--profile", action="store_true",
+                   help="after the timed runs, profile one builder encode: the share of matmuls, "
+                   "attention and the rest, and the most a builder doing the same matmuls could gain")
     p.add_argument("--threads", type=int, default=1, help=C.THREADS_HELP)
     p.add_argument("--reps", type=int, default=5, help="interleaved repetitions")
     p.add_argument("--work", default=".assets/bench-cache", help="shards/encoders/caches folder")
@@ -236,11 +267,21 @@ def main() -> None:
           f"batch_size={args.st_batch}) of the same {len(texts)} texts, nothing read or written")
     print(f"embeddings agree: max relative difference {diff:.1e} (fp16 cache rows vs "
           f"{args.precision} ST), min cosine {cos:.5f}")
+    split = None
+    if args.profile:  # untimed: the profiler's own overhead inflates the small ops a little
+        split = time_split(enc, texts, budget, peak)
+        print(f"builder's time (profiled encode, {split['seconds']:.1f} s of op time): matmuls "
+              f"{split['matmul_share']:.0%} at {split['matmul_peak_fraction']:.0%} of the GEMM peak, "
+              f"attention kernel {split['attention_share']:.0%}, everything else "
+              f"{split['other_share']:.0%}; with every other op free and the matmuls at the peak "
+              f"the builder would be at most {split['ceiling']:.2f}x its own speed, while the peer "
+              "runs the same matmuls")
     r = C.ratio_of_medians(times["llmclip"], times["st"])
     C.write_json(args.json, {
         "args": vars(args), "threads": threads, "encoder": str(enc_dir), "reports": n_reports,
         "texts": len(texts), "flops_per_build": flops, "gemm_peak": peak, "gemm_tokens": budget,
-        "compile_warmup_s": compile_s, "max_rel_diff": diff, "min_cosine": cos, "sides": stats, "ratio": r.as_dict(),
+        "compile_warmup_s": compile_s, "max_rel_diff": diff, "min_cosine": cos, "sides": stats,
+        "ratio": r.as_dict(), "time_split": split,
     })
     print(C.verdict("cache builder vs sentence-transformers encode()", r, 1.3))
 

@@ -107,3 +107,24 @@ def test_llm2vec_bridge_rewrites_only_formats(tmp_path):
     assert model["merges"] == ["a b"] and model["vocab"] == tok["model"]["vocab"]
     assert json.loads((dst / "config.json").read_text())["rope_theta"] == 5e5
     assert (dst / "model.safetensors").read_bytes() == b"weights"
+
+
+def test_cache_time_split_counts_every_matmul_of_the_encode(tiny_encoder_dir):
+    # The cache benchmark's --profile reads the matmuls' FLOPs off the profiler's recorded shapes.
+    # Equal texts (no padding): they must be exactly 2 x the decoder's linear weights per token.
+    import cache as B
+    import torch
+
+    from llmclip.text.encoder import LLMEncoder
+
+    enc = LLMEncoder.from_dir(tiny_encoder_dir, dtype=torch.float32)
+    texts = ["Small left pleural effusion. No pneumothorax."] * 6
+    tokens = enc.tokenize(texts, enc.instruction)["input_ids"].numel()
+    layers = enc.decoder.config.num_hidden_layers
+    per_layer = sum(m.weight.numel() for m in enc.decoder.layers[0].modules()
+                    if isinstance(m, torch.nn.Linear))
+    split = B.time_split(enc, texts, batch_tokens=64, peak=1e12)
+    assert split["matmul_flops"] == 2.0 * layers * per_layer * tokens
+    shares = (split["matmul_share"], split["attention_share"], split["other_share"])
+    assert all(0 < x < 1 for x in shares) and abs(sum(shares) - 1) < 1e-9
+    assert split["ceiling"] == split["seconds"] / (split["matmul_flops"] / 1e12)
