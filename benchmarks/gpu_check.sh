@@ -19,8 +19,9 @@
 #   PYTHON=/path/to/python bash benchmarks/gpu_check.sh --checks attention,stage2
 #   bash benchmarks/gpu_check.sh --checks fetch --fetch-units layer,lora,none
 #
-# Needs the project installed in .venv (`make install`; flash-attn and liger-kernel via
-# `pip install -e '.[gpu]'`; a missing one is reported as skipped, not passed),
+# Needs the project installed in .venv (`make install`; liger-kernel via `pip install -e '.[gpu]'`,
+# flash-attn via `pip install flash-attn --no-build-isolation`; a missing one is reported as skipped,
+# not passed),
 # ~20 GB free disk for the random 8B checkpoint (in $TMPDIR or --workdir), and no network.
 set -euo pipefail
 cd "$(dirname "$0")/.."

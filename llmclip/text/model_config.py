@@ -99,8 +99,9 @@ class ModelConfig:
             from transformers.utils import is_flash_attn_2_available
 
             if not torch.cuda.is_available() or not is_flash_attn_2_available():
-                raise ConfigError("flash_attention_2 needs CUDA and the flash-attn package; "
-                                  "use attention: auto or sdpa on this machine", "attention")
+                raise ConfigError("flash_attention_2 needs CUDA and the flash-attn package (pip install "
+                                  "flash-attn --no-build-isolation); use attention: auto or sdpa on this "
+                                  "machine", "attention")
         if self.kernels != "auto":
             from llmclip.text.kernels import check_kernels_choice
 
