@@ -144,20 +144,14 @@ def peer_tokens(peer_batches: list[dict], tokenizer) -> list[int]:
             + sum(n(t) for t in b["pos"] + b["neg"]) for b in peer_batches]
 
 
-def encoded(pairs: list, rows: torch.Tensor) -> list[str]:
-    """The hard negatives a llmclip batch encodes (its ``neg_rows``), in slot order."""
-    negs = [n for p in pairs for n in p.negatives]
-    return [n for n, r in zip(negs, rows.tolist(), strict=True) if r]
-
-
 def with_fillers(pairs: list, batch: dict, enc, obj) -> dict:
     """``batch`` with every hard-negative slot encoded, masked fillers included (the step before
     ``encoded_negatives``): the same loss, more tokens."""
-    docs = [p.positive for p in pairs] + [n for p in pairs for n in p.negatives]
-    texts = enc.tokenize_buckets([p.query for p in pairs] + docs,
-                                 [obj.instructions[p.kind] for p in pairs] + [None] * len(docs),
-                                 buckets=obj.length_buckets)
-    return dict(batch, texts=texts, neg_rows=torch.ones_like(batch["neg_rows"]))
+    from llmclip.text.stage1_batch import contrastive_texts
+
+    every = [True] * batch["neg_rows"].numel()
+    return dict(batch, texts=contrastive_texts(pairs, every, enc, obj),
+                neg_rows=torch.ones_like(batch["neg_rows"]))
 
 
 def token_counts(b: dict) -> tuple[int, int]:
@@ -300,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from llmclip.text.sources import build_tiny_llama
     from llmclip.text.stage1 import precision
+    from llmclip.text.stage1_batch import negatives_to_encode
 
     with tempfile.TemporaryDirectory(prefix="llmclip-bench-s1-") as tmp:
         work = Path(tmp)
@@ -319,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         # The peer encodes the same documents: the real edits, not the masked filler slots that
         # llmclip leaves out of the forward (``stage1_batch.encoded_negatives``).
         peer_batches = [{"query": [p.query for p in g], "instruction": [instr[p.kind] for p in g],
-                         "pos": [p.positive for p in g], "neg": encoded(g, b["neg_rows"])}
+                         "pos": [p.positive for p in g], "neg": negatives_to_encode(g, b["neg_rows"].tolist())}
                         for g, b in zip(groups, batches, strict=True)]
         # Same texts on both sides: the two tokenizers' counts differ only by special tokens.
         for c, theirs in zip(counts, peer_tokens(peer_batches, ours.encoder.tokenizer), strict=True):

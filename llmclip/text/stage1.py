@@ -234,7 +234,6 @@ def run(cfg: Stage1Config) -> int:
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
-        (out / "ds_config.json").write_text(json.dumps(ds_config, indent=2), encoding="utf-8")
         resolve_source(cfg.model.source, cfg.model.tiny, cfg.model.cache_dir or None)  # convert once
     barrier()
 
@@ -254,9 +253,10 @@ def run(cfg: Stage1Config) -> int:
     leaves = mark_zero3_leaves(module, leaf_mode, ds_config)
     log.info("trainable parameters: %d; precision %s; ZeRO stage %s (%d leaf modules); world %d",
              n_train, mode, ds_config["zero_optimization"].get("stage"), leaves, env.world_size)
-    if leaf_mode == "layer" and env.is_main:  # the prefetch bucket now holds a whole layer
-        log.info("ZeRO-3 prefetch bucket: %d parameters",
-                 ds_config["zero_optimization"]["stage3_prefetch_bucket_size"])
+    if env.is_main:  # as used: layer leaves have just raised the prefetch bucket to a whole layer
+        if leaf_mode == "layer":
+            log.info("ZeRO-3 prefetch bucket: %d parameters",
+                     ds_config["zero_optimization"]["stage3_prefetch_bucket_size"])
         (out / "ds_config.json").write_text(json.dumps(ds_config, indent=2), encoding="utf-8")
     optimizer = torch.optim.AdamW(param_groups(module, cfg.optim.weight_decay), lr=cfg.optim.lr,
                                   betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)

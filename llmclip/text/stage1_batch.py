@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from llmclip.text.encoder import LLMEncoder
-from llmclip.text.pairs import build_pairs, report_text, text_id
+from llmclip.text.pairs import Pair, build_pairs, report_text, text_id
 from llmclip.text.stage1_config import ObjectiveConfig
 
 
@@ -70,22 +70,37 @@ def make_batch(kind: str, metas: list[dict[str, Any]], enc: LLMEncoder, obj: Obj
     pairs = build_pairs(metas, rng, obj.hard_negatives, summary_share(obj, task_seed))
     valid = [v for p in pairs for v in p.negative_valid]
     rows = encoded_negatives(valid, 2 * len(pairs), obj.length_buckets)
-    negs = [n for p in pairs for n in p.negatives]
-    docs = [p.positive for p in pairs] + [n for n, r in zip(negs, rows, strict=True) if r]
-    # Queries (with their instruction) and documents share the length buckets: one forward per
-    # bucket for the whole micro-step, so fewer, larger matmuls and, under ZeRO-3, fewer gathers of
-    # every weight (measured on a CPU: 5 forwards, 2 query + 3 document buckets, were slower).
     return {
         "kind": "contrastive",
-        "texts": enc.tokenize_buckets([p.query for p in pairs] + docs,
-                                      [obj.instructions[p.kind] for p in pairs] + [None] * len(docs),
-                                      buckets=obj.length_buckets),
+        "texts": contrastive_texts(pairs, rows, enc, obj),
         "queries": len(pairs),
         "neg_valid": torch.tensor(valid, dtype=torch.bool),
         "neg_rows": torch.tensor(rows, dtype=torch.bool),
         "pos_ids": torch.tensor([text_id(p.positive) for p in pairs], dtype=torch.long),
         "neg_ids": torch.tensor([text_id(n) for p in pairs for n in p.negatives], dtype=torch.long),
     }
+
+
+def negatives_to_encode(pairs: list[Pair], rows: list[bool]) -> list[str]:
+    """The hard negatives a micro-step runs through the encoder (``rows`` of
+    ``encoded_negatives``), in slot order."""
+    negs = [n for p in pairs for n in p.negatives]
+    return [n for n, r in zip(negs, rows, strict=True) if r]
+
+
+def contrastive_texts(pairs: list[Pair], rows: list[bool], enc: LLMEncoder,
+                      obj: ObjectiveConfig) -> dict[str, Any]:
+    """Length buckets of a micro-step's queries (with their instruction), positives and the hard
+    negatives of ``rows``.
+
+    Queries and documents share the buckets: one forward per bucket for the whole micro-step, so
+    fewer, larger matmuls and, under ZeRO-3, fewer gathers of every weight (measured on a CPU: 5
+    forwards, 2 query + 3 document buckets, were slower).
+    """
+    docs = [p.positive for p in pairs] + negatives_to_encode(pairs, rows)
+    return enc.tokenize_buckets([p.query for p in pairs] + docs,
+                                [obj.instructions[p.kind] for p in pairs] + [None] * len(docs),
+                                buckets=obj.length_buckets)
 
 
 def _to(batch: Any, device: torch.device) -> Any:
